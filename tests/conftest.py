@@ -1,0 +1,101 @@
+"""Shared fixtures: tiny models built in-process from each architecture's config, a tiny tokenizer."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+VOCAB_SIZE = 512
+
+_COMMON = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+# model_type -> config overrides that make its tiny model valid (head_dim etc.).
+GLU_ARCHITECTURES = {
+    "llama": {},
+    "mistral": {"sliding_window": None},
+    "qwen2": {},
+    "qwen3": {"head_dim": 8},
+    "gemma": {"head_dim": 8},
+    "gemma2": {"head_dim": 8, "query_pre_attn_scalar": 8, "sliding_window": 64},
+    "gemma3_text": {"head_dim": 8, "query_pre_attn_scalar": 8, "sliding_window": 64},
+    "granite": {},
+    "olmo2": {},
+    "phi3": {"tie_word_embeddings": False},
+}
+
+# Architectures with biases in the MLP projections.
+BIASED_MLP = {"llama": {"mlp_bias": True}, "granite": {"mlp_bias": True}}
+
+
+def make_tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
+    """A randomly initialised tiny causal LM of `model_type` (eval mode, float32)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    settings = {**_COMMON, **GLU_ARCHITECTURES.get(model_type, {}), **overrides}
+    config = AutoConfig.for_model(model_type, **settings)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    # Random init gives near-zero logits; larger weights make logit comparisons meaningful.
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() >= 2:
+                parameter.normal_(0, 0.2)
+    return model.eval()
+
+
+def make_tiny_tokenizer():
+    """A byte-level BPE tokenizer trained in-process on Python's docs (no download)."""
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE - 64,
+        special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    text = list(topics.values())[:50]
+    tokenizer.train_from_iterator(text, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_model("llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A saved tiny Llama with its tokenizer, as a user would have on disk."""
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
+    make_tiny_model("llama", intermediate_size=128).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
