@@ -62,13 +62,13 @@ def _has_linears(mlp: nn.Module, *names: str) -> bool:
     return all(isinstance(getattr(mlp, name, None), nn.Linear) for name in names)
 
 
-def _linear(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Linear:
+def _linear(weight: torch.Tensor, bias: Optional[torch.Tensor], requires_grad: bool = True) -> nn.Linear:
     """An nn.Linear holding exactly these tensors (no random init, same dtype and device)."""
     out_features, in_features = weight.shape
     layer = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
-    layer.weight = nn.Parameter(weight.contiguous(), requires_grad=weight.requires_grad)
+    layer.weight = nn.Parameter(weight.contiguous(), requires_grad=requires_grad)
     if bias is not None:
-        layer.bias = nn.Parameter(bias.contiguous(), requires_grad=bias.requires_grad)
+        layer.bias = nn.Parameter(bias.contiguous(), requires_grad=requires_grad)
     return layer
 
 
@@ -79,7 +79,7 @@ def slice_linear(layer: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
     bias = layer.bias
     if bias is not None:
         bias = (bias.data.index_select(0, index) if dim == 0 else bias.data).clone()
-    return _linear(weight, bias)
+    return _linear(weight, bias, layer.weight.requires_grad)
 
 
 class GLUFamily:
@@ -122,7 +122,7 @@ class FusedGLUFamily:
     def set_projections(mlp: nn.Module, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -> None:
         weight = torch.cat([gate.weight.data, up.weight.data], dim=0)
         bias = None if gate.bias is None else torch.cat([gate.bias.data, up.bias.data], dim=0)
-        mlp.gate_up_proj = _linear(weight, bias)
+        mlp.gate_up_proj = _linear(weight, bias, gate.weight.requires_grad)
         mlp.down_proj = down
 
 

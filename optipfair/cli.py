@@ -1,0 +1,249 @@
+"""The `optipfair` command: `prune` a model, `analyze` one before pruning it.
+
+Bad input ends in one line on stderr and a non-zero exit, before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from typing import Any, Dict, Optional
+
+import typer
+
+from optipfair.errors import OptiPFairError
+
+app = typer.Typer(
+    help="Structured pruning of gated (GLU) MLPs in Hugging Face language models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+class PruningType(str, Enum):
+    MLP_GLU = "MLP_GLU"
+    DEPTH = "DEPTH"
+
+
+class DType(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _check_method(method: str) -> str:
+    from optipfair.pruning import calibration
+    from optipfair.pruning.mlp_glu import IMPORTANCE_FUNCTIONS
+
+    known = [*IMPORTANCE_FUNCTIONS, *calibration.METHODS, "AUTO"]
+    if method.upper() not in known:
+        raise OptiPFairError(f"unknown method {method!r}: choose one of {', '.join(known)}")
+    return method.upper()
+
+
+def _needs_calibration(pruning_type: PruningType, method: str) -> bool:
+    from optipfair.pruning import calibration
+
+    return pruning_type is PruningType.DEPTH or method == "AUTO" or method in calibration.METHODS
+
+
+def _calibration_data(tokenizer, calibration_file: Optional[str], num_tokens: int, seq_len: int):
+    from optipfair.data import default_texts, text_from_file, token_windows
+
+    if tokenizer is None:
+        raise OptiPFairError("calibrated pruning needs the model's tokenizer, and the model directory has none")
+    text = text_from_file(calibration_file) if calibration_file else default_texts()[0]
+    return token_windows(tokenizer, text, num_tokens, seq_len)
+
+
+def _print_result(result: Dict[str, Any], as_json: bool, lines) -> None:
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        for line in lines:
+            typer.echo(line)
+
+
+@app.command()
+def prune(
+    model_path: str = typer.Option(..., "--model-path", help="Local model directory or Hugging Face Hub id."),
+    output_path: str = typer.Option(..., "--output-path", help="Directory for the pruned model and tokenizer."),
+    pruning_type: PruningType = typer.Option(
+        PruningType.MLP_GLU, "--pruning-type", help="MLP_GLU: narrower MLPs; DEPTH: remove whole layers."
+    ),
+    method: str = typer.Option(
+        "MAW",
+        "--method",
+        help="Neuron selection: MAW, VOW, PON (weights only), a calibrated method, or AUTO (the best available).",
+    ),
+    pruning_percentage: Optional[float] = typer.Option(
+        None, "--pruning-percentage", help="Percentage of MLP neuron pairs to remove, in [0, 100). Default 10."
+    ),
+    expansion_rate: Optional[float] = typer.Option(
+        None, "--expansion-rate", help="Target intermediate/hidden size in % (instead of --pruning-percentage)."
+    ),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    dtype: DType = typer.Option(DType.auto, "--dtype", help="Weights dtype; auto = bfloat16 on GPU, float32 on CPU."),
+    verbose: bool = typer.Option(True, "--verbose/--quiet", help="Progress bars and a full summary, or one line."),
+    round_to: Optional[int] = typer.Option(
+        None, "--round-to", help="Round the kept MLP width to a multiple of this (128 suits GPUs)."
+    ),
+    calibration_file: Optional[str] = typer.Option(
+        None, "--calibration-file", help="Text file for calibrated methods (default: Python's own docs)."
+    ),
+    calibration_tokens: int = typer.Option(65536, "--calibration-tokens", help="Calibration tokens to use."),
+    calibration_seq_len: int = typer.Option(512, "--calibration-seq-len", help="Tokens per calibration window."),
+    reconstruct: Optional[bool] = typer.Option(
+        None, "--reconstruct/--no-reconstruct", help="Refit down_proj after calibrated selection (default on)."
+    ),
+    num_layers_to_remove: Optional[int] = typer.Option(
+        None, "--num-layers-to-remove", help="Decoder layers to remove (DEPTH)."
+    ),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code", help="Run the model repository's own code (only for sources you trust)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON on stdout."),
+) -> None:
+    """Prune a model and save it (model + tokenizer) atomically to --output-path."""
+    from optipfair.io import check_output_path
+
+    try:
+        method = _check_method(method)
+        if pruning_type is PruningType.MLP_GLU:
+            if pruning_percentage is not None and expansion_rate is not None:
+                raise OptiPFairError("--pruning-percentage and --expansion-rate are mutually exclusive: give one")
+            if pruning_percentage is None and expansion_rate is None:
+                pruning_percentage = 10.0
+            if pruning_percentage is not None and not 0 <= pruning_percentage < 100:
+                raise OptiPFairError(f"--pruning-percentage must be in [0, 100), got {pruning_percentage}")
+            if num_layers_to_remove is not None:
+                raise OptiPFairError("--num-layers-to-remove is only for --pruning-type DEPTH")
+        elif num_layers_to_remove is None:
+            raise OptiPFairError("--pruning-type DEPTH needs --num-layers-to-remove")
+        check_output_path(output_path)
+        _prune(**locals())
+    except OptiPFairError as error:
+        _fail(str(error))
+    except KeyboardInterrupt:
+        _fail("interrupted; nothing was written", code=130)
+
+
+def _prune(
+    model_path, output_path, pruning_type, method, pruning_percentage, expansion_rate, device, dtype, verbose,
+    round_to, calibration_file, calibration_tokens, calibration_seq_len, reconstruct, num_layers_to_remove,
+    trust_remote_code, as_json, **_,
+) -> None:
+    from optipfair.core import prune_model
+    from optipfair.io import load_model, save_model
+
+    _quiet_transformers()
+    model, tokenizer = load_model(model_path, device, dtype.value, trust_remote_code)
+    calibration = None
+    if _needs_calibration(pruning_type, method):
+        calibration = _calibration_data(tokenizer, calibration_file, calibration_tokens, calibration_seq_len)
+    model, stats = prune_model(
+        model,
+        pruning_type=pruning_type.value,
+        neuron_selection_method=method,
+        pruning_percentage=pruning_percentage if pruning_type is PruningType.MLP_GLU else None,
+        expansion_rate=expansion_rate,
+        show_progress=verbose and not as_json,
+        return_stats=True,
+        calibration_data=calibration,
+        round_to=round_to,
+        reconstruct=reconstruct,
+        num_layers_to_remove=num_layers_to_remove,
+    )
+    save_model(model, tokenizer, output_path)
+    stats.update(method=method, output_path=str(output_path), model_path=model_path)
+    if as_json:
+        _print_result(stats, True, [])
+    elif not verbose:
+        typer.echo(
+            f"saved {output_path}: {stats['original_parameters']:,} -> {stats['pruned_parameters']:,} parameters "
+            f"(-{stats['percentage_reduction']:.1f}%)"
+        )
+    else:
+        _print_result(stats, False, _prune_summary(stats))
+
+
+def _prune_summary(stats: Dict[str, Any]):
+    yield f"Pruned model saved to {stats['output_path']}"
+    yield f"  pruning type      {stats['pruning_type']}" + (
+        f" ({stats['method']})" if stats["pruning_type"] == "MLP_GLU" else ""
+    )
+    yield f"  parameters        {stats['original_parameters']:,} -> {stats['pruned_parameters']:,}"
+    yield f"  reduction         {stats['reduction']:,} ({stats['percentage_reduction']:.2f}%)"
+    yield (
+        f"  MLP width         {stats['original_intermediate_size']} -> {stats['pruned_intermediate_size']} "
+        f"({stats['mlp_pairs_removed_percentage']:.2f}% of pairs removed)"
+    )
+    yield f"  expansion rate    {stats['original_expansion_rate']:.1f}% -> {stats['expansion_rate']:.1f}%"
+    yield f"  layers            {stats['original_layers']} -> {stats['pruned_layers']}"
+
+
+@app.command()
+def analyze(
+    model_path: str = typer.Option(..., "--model-path", help="Local model directory or Hugging Face Hub id."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code", help="Run the model repository's own code (only for sources you trust)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the analysis as JSON on stdout."),
+) -> None:
+    """Show a model's layers, sizes, parameter split and what MLP pruning would save."""
+    from optipfair.analysis import analyze_model
+    from optipfair.io import load_model, resolve_device
+
+    try:
+        resolve_device(device)
+        _quiet_transformers()
+        model, _ = load_model(model_path, device, "auto", trust_remote_code)
+        result = analyze_model(model)
+    except OptiPFairError as error:
+        _fail(str(error))
+    except KeyboardInterrupt:
+        _fail("interrupted", code=130)
+    result["model_path"] = model_path
+    _print_result(result, as_json, _analysis_summary(result))
+
+
+def _analysis_summary(result: Dict[str, Any]):
+    params = result["parameters"]
+    yield f"{result['model_path']}: {result['architecture']} ({result['mlp_family']})"
+    yield f"  layers            {result['num_layers']}"
+    yield f"  hidden size       {result['hidden_size']}"
+    yield f"  intermediate size {result['intermediate_size']}"
+    yield f"  expansion rate    {result['expansion_rate']:.1f}%"
+    yield f"  parameters        {params['total']:,}"
+    for part in ("attention", "mlp", "other"):
+        yield f"    {part:<15} {params[part]:>14,} ({100 * params[part] / params['total']:.1f}%)"
+    yield "  MLP pruning       width   expansion   parameters saved"
+    for row in result["savings"]:
+        yield (
+            f"    {row['pruning_percentage']:>5g}%        {row['intermediate_size']:>6}   {row['expansion_rate']:>8.1f}%"
+            f"   {row['parameters_saved']:>14,} ({row['percentage_of_model']:.1f}% of the model)"
+        )
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())
