@@ -1,0 +1,122 @@
+"""`optipfair-pipeline`: run any stage of the DVC pipeline on its own.
+
+`dvc repro` calls these same commands (see dvc.yaml), so a stage behaves the same whether DVC or
+a person starts it. Every command reads params.yaml (or --params FILE) and checks all of it first.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import typer
+
+from optipfair.errors import OptiPFairError
+from pipeline.params import BASE_NAME, Params, load_params
+
+app = typer.Typer(
+    name="optipfair-pipeline",
+    help=(
+        "Stages of the optipfair pruning pipeline: download -> analyze -> prune -> evaluate -> report -> track. "
+        "`dvc repro` runs them all and only what changed; each command here runs one stage by hand."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+PARAMS_OPTION = typer.Option(
+    Path("params.yaml"), "--params", "-p", help="Params file to read (the one dvc.yaml uses is params.yaml)."
+)
+
+
+def _run(step: Callable[[Params], object], params_file: Path) -> object:
+    """Check the params file, then run `step`; a user error becomes one line on stderr and exit code 2."""
+    try:
+        return step(load_params(params_file))
+    except OptiPFairError as error:
+        typer.echo(f"optipfair-pipeline: error: {error}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def validate(params: Path = PARAMS_OPTION) -> None:
+    """Check the params file and list the models it defines, without doing any work."""
+    checked = _run(lambda p: p, params)
+    typer.echo(f"{params}: OK; base from {checked.base['source']}, variants: {', '.join(checked.variants) or 'none'}")
+
+
+@app.command()
+def download(params: Path = PARAMS_OPTION) -> None:
+    """Fetch the base model named in `base:` into models/base (safetensors + tokenizer)."""
+    from pipeline import download as stage
+
+    target = _run(stage.run, params)
+    typer.echo(f"base model saved to {target}")
+
+
+@app.command()
+def analyze(params: Path = PARAMS_OPTION) -> None:
+    """Describe models/base (layers, widths, parameter split) into reports/analysis.json."""
+    from pipeline import analyze as stage
+
+    analysis = _run(stage.run, params)
+    typer.echo(
+        f"{analysis['num_layers']} layers, hidden {analysis['hidden_size']}, MLP width "
+        f"{analysis['intermediate_size']} ({analysis['expansion_rate']:.0f}% expansion), "
+        f"{analysis['parameters']['total'] / 1e6:.1f}M parameters"
+    )
+
+
+@app.command()
+def prune(
+    variant: str = typer.Option(..., "--variant", "-v", help="Name of a variant under `variants:` in the params file."),
+    params: Path = PARAMS_OPTION,
+) -> None:
+    """Build one pruned variant from models/base into models/<variant>."""
+    from pipeline import prune as stage
+
+    stats = _run(lambda p: stage.run(p, variant), params)
+    typer.echo(
+        f"{variant}: {stats['original_parameters'] / 1e6:.1f}M -> {stats['pruned_parameters'] / 1e6:.1f}M "
+        f"parameters in {stats['pruning_seconds']}s, saved to models/{variant}"
+    )
+
+
+@app.command()
+def evaluate(
+    variant: str = typer.Option(
+        ..., "--variant", "-v", help=f"`{BASE_NAME}` or the name of a variant (base must be evaluated first)."
+    ),
+    params: Path = PARAMS_OPTION,
+) -> None:
+    """Measure perplexity, size and speed of one model into reports/metrics/<variant>.json."""
+    from pipeline import evaluate as stage
+
+    metrics = _run(lambda p: stage.run(p, variant), params)
+    typer.echo(
+        f"{variant}: perplexity {metrics['perplexity']:.2f}, {metrics['parameters'] / 1e6:.1f}M parameters, "
+        f"prefill {metrics['prefill_tokens_per_s']:.0f} tok/s, generation {metrics['generation_tokens_per_s']:.1f} tok/s"
+    )
+
+
+@app.command()
+def report(params: Path = PARAMS_OPTION) -> None:
+    """Write reports/summary.md and the plots for the base model and every variant."""
+    from pipeline import report as stage
+
+    typer.echo(_run(stage.run, params))
+
+
+@app.command()
+def track(params: Path = PARAMS_OPTION) -> None:
+    """Log base and every variant to MLflow (MLFLOW_TRACKING_URI, default sqlite:///mlflow.db); no duplicates."""
+    from pipeline import track as stage
+
+    ledger = _run(stage.run, params)
+    for model, entry in ledger.items():
+        typer.echo(f"{model}: MLflow run {entry['run_id']} ({entry['status']})")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,61 @@
+"""Where each stage writes, and how: dvc.yaml declares these same paths as outputs.
+
+Every output is written to a temporary sibling first and renamed into place, so a crash never
+leaves a half-written file or model that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+MODELS = Path("models")
+REPORTS = Path("reports")
+METRICS = REPORTS / "metrics"
+PLOTS = REPORTS / "plots"
+ANALYSIS = REPORTS / "analysis.json"
+SUMMARY = REPORTS / "summary.md"
+TRACKED_RUNS = REPORTS / "mlflow_runs.json"
+# Written inside models/base by the download stage: where the base model came from.
+PROVENANCE = "optipfair_source.json"
+
+
+def model_dir(name: str) -> Path:
+    """The directory of model `name` (`base` or a variant)."""
+    return MODELS / name
+
+
+def metrics_file(name: str) -> Path:
+    """The metrics JSON of model `name`."""
+    return METRICS / f"{name}.json"
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` via a temporary sibling and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write UTF-8 `text` to `path` atomically."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """Write `value` as indented JSON to `path` atomically."""
+    write_text_atomic(path, json.dumps(value, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    """The JSON value stored at `path`."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))

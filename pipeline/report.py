@@ -1,0 +1,113 @@
+"""report stage: one table (reports/summary.md) and two plots comparing the base model and every variant."""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+from optipfair.errors import OptiPFairError
+from pipeline import layout
+from pipeline.params import BASE_NAME, Params
+
+PLOT_FILES = {
+    "perplexity": layout.PLOTS / "perplexity_vs_parameters.png",
+    "speed": layout.PLOTS / "speed_vs_parameters.png",
+}
+
+
+def run(params: Params) -> str:
+    """Write the summary table and the plots for the models listed in params; returns the table."""
+    rows = collect(params)
+    table = summary_markdown(params, rows)
+    layout.write_text_atomic(layout.SUMMARY, table)
+    _plots(rows)
+    return table
+
+
+def collect(params: Params) -> Dict[str, dict]:
+    """name -> metrics for base and every variant in params, in params order."""
+    rows = {}
+    for name in params.model_names():
+        path = layout.metrics_file(name)
+        if not path.is_file():
+            raise OptiPFairError(f"{path} is missing: run `dvc repro` (or optipfair-pipeline evaluate --variant {name})")
+        rows[name] = layout.read_json(path)
+    return rows
+
+
+def _setting(params: Params, name: str) -> str:
+    if name == BASE_NAME:
+        return "—"
+    v = params.variants[name]
+    if v.pruning_type == "DEPTH":
+        return f"DEPTH −{v.num_layers_to_remove} layers"
+    amount = f"{v.pruning_percentage:g}%" if v.pruning_percentage is not None else f"rate {v.expansion_rate:g}%"
+    return f"{v.method} {amount}" + (f", round_to {v.round_to}" if v.round_to else "")
+
+
+def summary_markdown(params: Params, rows: Dict[str, dict]) -> str:
+    """The comparison table as Markdown (ratios are to the base model)."""
+    lines = [
+        "# Pruning summary",
+        "",
+        "| model | pruning | parameters (M) | reduction | MLP width | expansion | size (MB) "
+        "| perplexity | prefill tok/s | generation tok/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, m in rows.items():
+        ratio = (lambda key: "") if name == BASE_NAME else (lambda key: f" (×{m[key]:.2f})")
+        lines.append(
+            f"| {name} | {_setting(params, name)} | {m['parameters'] / 1e6:.1f} | {m['parameter_reduction_pct']:.1f}% "
+            f"| {m['mlp_intermediate_size']} | {m['expansion_rate']:.0f}% | {m['size_mb']:.0f} "
+            f"| {m['perplexity']:.2f}{ratio('perplexity_ratio')} "
+            f"| {m['prefill_tokens_per_s']:.0f}{ratio('prefill_speedup')} "
+            f"| {m['generation_tokens_per_s']:.1f}{ratio('generation_speedup')} |"
+        )
+    base = rows[BASE_NAME]
+    lines += [
+        "",
+        f"Perplexity on {base['eval_tokens']} tokens of evaluation text; speeds on this machine's CPU, "
+        "ratios (×) relative to the base model.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _plots(rows: Dict[str, dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on CI or servers
+    import matplotlib.pyplot as plt
+
+    names: List[str] = list(rows)
+    millions = [rows[n]["parameters"] / 1e6 for n in names]
+    layout.PLOTS.mkdir(parents=True, exist_ok=True)
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    axis.scatter(millions, [rows[n]["perplexity"] for n in names])
+    for name, x in zip(names, millions):
+        axis.annotate(name, (x, rows[name]["perplexity"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    axis.set(xlabel="parameters (millions)", ylabel="perplexity (lower is better)", title="Perplexity vs parameters")
+    _save(figure, PLOT_FILES["perplexity"])
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for key, label in (("prefill_tokens_per_s", "prompt processing"), ("generation_tokens_per_s", "generation")):
+        speedups = [rows[n][key] / rows[BASE_NAME][key] for n in names]
+        axis.scatter(millions, speedups, label=label)
+        for name, x, y in zip(names, millions, speedups):
+            axis.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    axis.axhline(1.0, color="grey", linewidth=0.8)
+    axis.set(xlabel="parameters (millions)", ylabel="speed relative to base", title="Speed vs parameters")
+    axis.legend()
+    _save(figure, PLOT_FILES["speed"])
+
+
+def _save(figure, path) -> None:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    # No timestamp in the PNG metadata, so an unchanged table gives an unchanged file.
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    plt.close(figure)
+    layout.write_bytes_atomic(path, buffer.getvalue())

@@ -1,0 +1,142 @@
+"""track stage: record the base model and every variant as MLflow runs in one experiment.
+
+One run per model *configuration*: its run key is a hash of everything that defines the model and
+its measurement (variant fields, base source, data, evaluation settings). Syncing finds the run by
+that key and updates it, so re-running an unchanged pipeline never makes duplicates, and a sync
+that failed half way is completed by the next one (a run is marked complete only at its end).
+
+MLflow is optional to the artefacts: every DVC output exists before this stage runs, and a failure
+here says so and leaves them alone. Only this module imports MLflow; the library never does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+from typing import Any, Dict
+
+from optipfair.errors import OptiPFairError
+from pipeline import layout
+from pipeline.params import BASE_NAME, Params
+from pipeline.report import PLOT_FILES
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+KEY_TAG = "optipfair.run_key"
+COMPLETE_TAG = "optipfair.synced_metrics_sha256"
+
+
+class TrackingError(OptiPFairError):
+    """MLflow could not be written; the DVC outputs are intact."""
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI when set, else the SQLite store at the project root."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def run(params: Params) -> Dict[str, dict]:
+    """Create or update one MLflow run per model; write reports/mlflow_runs.json; return it."""
+    uri = tracking_uri()
+    try:
+        ledger = _sync(params, uri)
+    except OptiPFairError:
+        raise
+    except Exception as error:  # the store can fail in many ways (locked db, server down, bad URI)
+        first_line = (str(error).splitlines() or [""])[0]
+        raise TrackingError(
+            f"MLflow tracking at {uri} failed ({type(error).__name__}: {first_line}). Models, metrics and the "
+            "report are built and kept; fix the store (or MLFLOW_TRACKING_URI) and run `dvc repro` again: only "
+            "the track stage re-runs and logs what was missed"
+        ) from None
+    layout.write_json_atomic(layout.TRACKED_RUNS, ledger)
+    return ledger
+
+
+def run_key(params: Params, name: str) -> str:
+    """Stable id of the configuration that produced model `name` (not of when it was built)."""
+    identity = {"model": name, "base": params.base, "data": params.data, "evaluate": params.evaluate}
+    if name != BASE_NAME:
+        variant = params.variants[name]
+        identity["variant"] = variant.fields()
+        if variant.needs_calibration:
+            identity["calibration"] = params.calibration
+    blob = json.dumps(identity, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:20]
+
+
+def run_params(params: Params, name: str) -> Dict[str, str]:
+    """The flat params logged on a run: variant fields, model source and revision, evaluation settings."""
+    flat = {"model": name}
+    provenance_file = layout.model_dir(BASE_NAME) / layout.PROVENANCE
+    provenance = layout.read_json(provenance_file) if provenance_file.is_file() else {}
+    for key, value in provenance.items():
+        flat[f"base.{key}"] = value
+    flat.update({f"data.{k}": v for k, v in params.data.items()})
+    flat.update({f"evaluate.{k}": v for k, v in params.evaluate.items()})
+    if name != BASE_NAME:
+        variant = params.variants[name]
+        flat.update({f"variant.{k}": v for k, v in variant.fields().items()})
+        if variant.needs_calibration:
+            flat.update({f"calibration.{k}": v for k, v in params.calibration.items()})
+    # MLflow params are strings of at most 6000 characters; None means "not set" and is left out.
+    return {k: str(v)[:6000] for k, v in flat.items() if v is not None}
+
+
+def git_commit() -> str:
+    """HEAD of the project's git repository, with '-dirty' when tracked files differ from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+        return head + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _sync(params: Params, uri: str) -> Dict[str, dict]:
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    name = params.tracking["experiment"]
+    experiment = client.get_experiment_by_name(name)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
+    commit = git_commit()
+    shared_artifacts = [p for p in (layout.SUMMARY, layout.ANALYSIS, *PLOT_FILES.values()) if p.is_file()]
+    ledger = {}
+    for model in params.model_names():
+        metrics_path = layout.metrics_file(model)
+        metrics: Dict[str, Any] = layout.read_json(metrics_path)
+        metrics_sha = hashlib.sha256(metrics_path.read_bytes()).hexdigest()
+        key = run_key(params, model)
+        found = client.search_runs([experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{key}'", max_results=1)
+        if found:
+            run_id = found[0].info.run_id
+            if found[0].data.tags.get(COMPLETE_TAG) == metrics_sha:
+                ledger[model] = {"run_id": run_id, "run_key": key, "status": "unchanged"}
+                continue
+            status = "updated"
+        else:
+            run_id = client.create_run(experiment_id, run_name=model, tags={KEY_TAG: key}).info.run_id
+            status = "created"
+        timestamp = int(time.time() * 1000)
+        client.log_batch(
+            run_id,
+            metrics=[Metric(k, float(v), timestamp, 0) for k, v in metrics.items() if isinstance(v, (int, float))],
+            params=[Param(k, v) for k, v in run_params(params, model).items()],
+            tags=[
+                RunTag("git_commit", commit),
+                RunTag("mlflow.source.git.commit", commit.removesuffix("-dirty")),
+                RunTag("model_source", params.base["source"]),
+            ],
+        )
+        for artifact in [metrics_path, *shared_artifacts]:
+            # Kept under the same folders as in the project (reports/metrics/base.json, ...).
+            client.log_artifact(run_id, str(artifact), artifact_path=str(artifact.parent))
+        # Marked last: a sync that dies before this line is redone in full by the next one.
+        client.set_tag(run_id, COMPLETE_TAG, metrics_sha)
+        client.set_terminated(run_id)
+        ledger[model] = {"run_id": run_id, "run_key": key, "status": status}
+    return ledger
