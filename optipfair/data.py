@@ -19,11 +19,19 @@ def default_texts(evaluation_share: float = 0.25) -> Tuple[str, str]:
     """
     from pydoc_data.topics import topics
 
+    calibration, evaluation = split_topic_names(evaluation_share)
+    return "\n\n".join(topics[n] for n in calibration), "\n\n".join(topics[n] for n in evaluation)
+
+
+def split_topic_names(evaluation_share: float = 0.25) -> Tuple[list, list]:
+    """(calibration, evaluation) topic names of `pydoc_data.topics`, sorted, disjoint."""
+    from pydoc_data.topics import topics
+
     calibration, evaluation = [], []
     for name in sorted(topics):
         bucket = int(hashlib.sha256(name.encode()).hexdigest(), 16) % 1000 / 1000
-        (evaluation if bucket < evaluation_share else calibration).append(topics[name])
-    return "\n\n".join(calibration), "\n\n".join(evaluation)
+        (evaluation if bucket < evaluation_share else calibration).append(name)
+    return calibration, evaluation
 
 
 def text_from_file(path: str) -> str:
