@@ -206,15 +206,17 @@ def analyze(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the analysis as JSON on stdout."),
 ) -> None:
-    """Show a model's layers, sizes, parameter split and what MLP pruning would save."""
+    """Show a model's layers, sizes, parameter split and what MLP pruning would save.
+
+    Reads only the config: no weights are loaded, so it is instant for models of any size.
+    """
     from optipfair.analysis import analyze_model
-    from optipfair.io import load_model, resolve_device
+    from optipfair.io import load_skeleton, resolve_device
 
     try:
         resolve_device(device)
         _quiet_transformers()
-        model, _ = load_model(model_path, device, "auto", trust_remote_code)
-        result = analyze_model(model)
+        result = analyze_model(load_skeleton(model_path, trust_remote_code))
     except OptiPFairError as error:
         _fail(str(error))
     except KeyboardInterrupt:

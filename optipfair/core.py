@@ -56,6 +56,8 @@ def prune_model(
     before = _shape(adapter)
 
     if kind == "MLP_GLU":
+        if num_layers_to_remove is not None:
+            raise OptiPFairError("num_layers_to_remove is only for pruning_type='DEPTH'")
         prune_model_mlp_glu(
             model,
             neuron_selection_method,

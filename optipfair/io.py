@@ -49,11 +49,8 @@ def load_model(
 
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    _check_source(path)
     local = Path(path)
-    if local.exists() and not (local / "config.json").is_file():
-        raise OptiPFairError(f"{path} is not a model directory (no config.json)")
-    if not local.exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
-        raise OptiPFairError(f"model path {path} does not exist")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
@@ -69,6 +66,27 @@ def load_model(
     except (OSError, ValueError):
         tokenizer = None
     return model, tokenizer
+
+
+def load_skeleton(path: str, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The model's architecture with no weights (meta tensors): shapes and counts of any size, instantly."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _check_source(path)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise OptiPFairError(f"could not read a model config from {path}: {str(error).splitlines()[0]}") from error
+
+
+def _check_source(path: str) -> None:
+    local = Path(path)
+    if local.exists() and not (local / "config.json").is_file():
+        raise OptiPFairError(f"{path} is not a model directory (no config.json)")
+    if not local.exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+        raise OptiPFairError(f"model path {path} does not exist")
 
 
 def check_output_path(output_path: str) -> Path:
