@@ -1,0 +1,208 @@
+"""The DVC pipeline end to end: a real `dvc repro` in a temporary git repository on a tiny model.
+
+What is checked is what a user relies on: every stage runs once, an unchanged pipeline runs nothing,
+editing or adding a variant re-runs only that variant (plus report and track), MLflow holds one run
+per model configuration with no duplicates, and a broken MLflow store loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+PARAMS = {
+    "base": {"source": "local"},  # path filled in by the fixture
+    "data": {"source": "default"},
+    "calibration": {"num_tokens": 256, "seq_len": 64},
+    "evaluate": {"num_tokens": 256, "seq_len": 64, "prompt": "def f(x):", "max_new_tokens": 4, "num_runs": 1,
+                 "warmup_runs": 0},
+    "tracking": {"experiment": "pipeline-test"},
+    "variants": {
+        "maw-25": {"method": "MAW", "pruning_percentage": 25},
+        "vow-50": {"method": "VOW", "pruning_percentage": 50, "round_to": 8},
+    },
+}
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(DVC_NO_ANALYTICS="1", HF_HUB_OFFLINE="1", PATH=f"{BIN}{os.pathsep}{env['PATH']}", **extra)
+    return env
+
+
+def _git(project: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=project, check=True, capture_output=True, env=_env())
+
+
+def _repro(project: Path, **env) -> tuple[set, subprocess.CompletedProcess]:
+    """Run `dvc repro`; return the names of the stages it ran, and the finished process."""
+    done = subprocess.run([str(BIN / "dvc"), "repro"], cwd=project, capture_output=True, text=True, env=_env(**env))
+    ran = set(re.findall(r"Running stage '([^']+)'", done.stdout + done.stderr))
+    return ran, done
+
+
+def _write_params(project: Path, params: dict) -> None:
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _runs(project: Path) -> dict:
+    """run name -> MLflow run of the project's default SQLite store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("pipeline-test")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    names = [run.info.run_name for run in runs]
+    keys = [run.data.tags["optipfair.run_key"] for run in runs]
+    assert len(keys) == len(set(keys)), f"duplicate MLflow runs: {names}"
+    return {run.info.run_name + ":" + run.data.params.get("variant.pruning_percentage", "-"): run for run in runs}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_model_dir):
+    """A git + DVC repository holding this checkout's pipeline and library, pointed at a tiny model."""
+    project = tmp_path_factory.mktemp("project")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for folder in ("pipeline", "optipfair"):
+        shutil.copytree(ROOT / folder, project / folder, ignore=ignore)
+    for file in ("dvc.yaml", ".dvcignore"):
+        shutil.copy2(ROOT / file, project / file)
+    (project / ".gitignore").write_text("mlflow.db\nmlruns/\nmlartifacts/\n__pycache__/\n")
+    _write_params(project, {**PARAMS, "base": {"source": "local", "path": str(tiny_model_dir)}})
+    _git(project, "init", "-q")
+    _git(project, "config", "user.email", "test@example.com")
+    _git(project, "config", "user.name", "test")
+    subprocess.run([str(BIN / "dvc"), "init", "-q"], cwd=project, check=True, env=_env())
+    _git(project, "add", "-A")
+    _git(project, "commit", "-q", "-m", "pipeline")
+    return project
+
+
+VARIANT_STAGES = lambda name: {f"prune@{name}", f"evaluate@{name}", "report", "track"}  # noqa: E731
+
+
+def test_repro_builds_evaluates_reports_and_tracks_everything(project):
+    ran, done = _repro(project)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert ran == {
+        "download", "analyze", "prune@maw-25", "prune@vow-50", "evaluate_base",
+        "evaluate@maw-25", "evaluate@vow-50", "report", "track",
+    }
+    base = json.loads((project / "reports/metrics/base.json").read_text())
+    vow = json.loads((project / "reports/metrics/vow-50.json").read_text())
+    assert base["mlp_intermediate_size"] == 128 and vow["mlp_intermediate_size"] == 64
+    assert vow["parameters"] < base["parameters"] and vow["parameter_reduction_pct"] > 0
+    assert vow["parameters_ratio"] == pytest.approx(vow["parameters"] / base["parameters"], abs=1e-4)
+    for key in ("perplexity", "size_mb", "prefill_tokens_per_s", "generation_tokens_per_s", "generation_speedup"):
+        assert vow[key] > 0
+    summary = (project / "reports/summary.md").read_text()
+    assert all(f"| {name} |" in summary for name in ("base", "maw-25", "vow-50"))
+    assert (project / "reports/plots/speed_vs_parameters.png").read_bytes()[:4] == b"\x89PNG"
+
+    shown = subprocess.run([str(BIN / "dvc"), "metrics", "show", "--json"], cwd=project, capture_output=True,
+                           text=True, env=_env())
+    assert "reports/metrics/vow-50.json" in shown.stdout
+
+    runs = _runs(project)
+    assert set(runs) == {"base:-", "maw-25:25", "vow-50:50"}
+    vow_run = runs["vow-50:50"]
+    assert vow_run.data.metrics["perplexity"] == pytest.approx(vow["perplexity"])
+    assert vow_run.data.params["variant.method"] == "VOW" and vow_run.data.params["base.source"] == "local"
+    assert len(vow_run.data.params["base.revision"]) == 64
+    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", vow_run.data.tags["git_commit"])
+
+
+def test_unchanged_pipeline_runs_nothing_and_logs_no_duplicate(project):
+    before = {name: run.info.run_id for name, run in _runs(project).items()}
+    ran, done = _repro(project)
+    assert done.returncode == 0 and ran == set(), done.stdout
+    assert {name: run.info.run_id for name, run in _runs(project).items()} == before
+
+
+def test_editing_one_variant_reruns_only_that_variant(project):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["variants"]["vow-50"]["pruning_percentage"] = 40
+    _write_params(project, params)
+    ran, done = _repro(project)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert ran == VARIANT_STAGES("vow-50")
+    # A new configuration is a new run; the old one stays as history, the others are untouched.
+    assert set(_runs(project)) == {"base:-", "maw-25:25", "vow-50:50", "vow-50:40"}
+
+
+def test_added_variant_survives_a_broken_mlflow_store_and_is_logged_later(project, tmp_path):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["variants"]["pon-30"] = {"method": "PON", "pruning_percentage": 30}
+    _write_params(project, params)
+
+    # A store that cannot be opened (its folder is a file): only tracking may fail.
+    (tmp_path / "not-a-folder").write_text("")
+    ran, done = _repro(project, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/not-a-folder/mlflow.db")
+    assert done.returncode != 0
+    assert ran == VARIANT_STAGES("pon-30")
+    assert "MLflow tracking" in done.stderr and "Traceback" not in done.stderr
+    assert json.loads((project / "reports/metrics/pon-30.json").read_text())["perplexity"] > 0
+    assert "| pon-30 |" in (project / "reports/summary.md").read_text()
+
+    ran, done = _repro(project)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert ran == {"track"}
+    assert "pon-30:30" in _runs(project)
+
+
+BAD_PARAMS = [
+    ("variants.maw-25.method", lambda p: p["variants"]["maw-25"].update(method="MAGIC")),
+    ("variants.maw-25.pruning_percentage", lambda p: p["variants"]["maw-25"].update(pruning_percentage=120)),
+    ("variants.vow-50", lambda p: p["variants"]["vow-50"].pop("pruning_percentage")),
+    ("variants.maw-25.pruning_percentag", lambda p: p["variants"]["maw-25"].update(pruning_percentag=5)),
+    ("base.path", lambda p: p["base"].update(path="/nonexistent/model")),
+    ("base.revision", lambda p: p.update(base={"source": "hf", "repo_id": "org/model", "revision": "main"})),
+    ("base.source", lambda p: p["base"].update(source="ftp")),
+    ("evaluate.num_runs", lambda p: p["evaluate"].update(num_runs=0)),
+]
+
+
+@pytest.mark.parametrize("field,breaks", BAD_PARAMS, ids=[field for field, _ in BAD_PARAMS])
+def test_bad_params_are_refused_with_one_line_naming_the_field(field, breaks, tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    params = json.loads(json.dumps({**PARAMS, "base": {"source": "local", "path": str(tiny_model_dir)}}))
+    breaks(params)
+    _write_params(tmp_path, params)
+    result = CliRunner().invoke(app, ["prune", "--variant", "maw-25", "--params", str(tmp_path / "params.yaml")])
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and f"{field}:" in result.stderr, result.stderr
+    assert not (tmp_path / "models").exists()
+
+
+def test_duplicate_variant_names_and_unreachable_hub_fail_cleanly_in_a_real_process(tmp_path):
+    cli = [sys.executable, "-m", "pipeline.cli"]
+    duplicated = tmp_path / "dup.yaml"
+    duplicated.write_text(
+        "base: {source: hf, repo_id: org/model, revision: " + "a" * 40 + "}\n"
+        "variants:\n  maw-20: {method: MAW, pruning_percentage: 20}\n  maw-20: {method: MAW, pruning_percentage: 30}\n"
+    )
+    done = subprocess.run([*cli, "validate", "--params", str(duplicated)], cwd=ROOT, capture_output=True, text=True,
+                          env=_env())
+    assert done.returncode == 2 and "'maw-20' is given twice" in done.stderr and "Traceback" not in done.stderr
+
+    unreachable = tmp_path / "hub.yaml"
+    unreachable.write_text("base: {source: hf, repo_id: org/model, revision: " + "a" * 40 + "}\n")
+    done = subprocess.run([*cli, "download", "--params", str(unreachable)], cwd=tmp_path, capture_output=True,
+                          text=True, env=_env(PYTHONPATH=str(ROOT)))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("optipfair-pipeline: error: base.repo_id:") and done.stderr.count("\n") == 1
+    assert not (tmp_path / "models" / "base").exists()
