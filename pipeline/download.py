@@ -43,6 +43,7 @@ def run(params: Params) -> Path:
     try:
         provenance = fetch(base, staging)
         (staging / layout.PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
+        staging.chmod(0o755)  # mkdtemp makes it private; the model directory is an ordinary one
         replace_directory(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -10,8 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict
 
-import torch
-
 from optipfair.analysis import analyze_model
 from optipfair.data import token_windows
 from optipfair.errors import OptiPFairError
@@ -41,7 +39,6 @@ def run(params: Params, name: str) -> Dict[str, float]:
     model, tokenizer = load_model(str(layout.model_dir(name)), dtype="float32")
     if tokenizer is None:
         raise OptiPFairError(f"{layout.model_dir(name)} has no tokenizer; rebuild it with `dvc repro`")
-    torch.manual_seed(0)
     _, evaluation_text = load_texts(params.data)
     windows = token_windows(tokenizer, evaluation_text, settings["num_tokens"], settings["seq_len"])
     shape = analyze_model(model)
