@@ -1,8 +1,242 @@
-"""Calibrated (activation-driven) neuron selection. Methods land here; none yet."""
+"""Calibrated width pruning: choose neuron pairs from activations on calibration text, then refit down_proj.
 
-METHODS: dict = {}
-DEFAULT_METHOD = None
+Calibration runs layer by layer (as in Wanda and SparseGPT): the inputs of decoder layer i are
+computed once, layer i is run on them while its down_proj inputs are recorded, the layer is
+pruned, and its *pruned* outputs become the inputs of layer i+1. Memory stays near one layer's
+activations, and every layer is fitted to what the already-pruned layers before it produce.
+
+A method only decides which pairs to keep from two statistics of one layer: the down_proj
+weight W [hidden, n] and the Gram matrix H = X^T X [n, n] of the down_proj inputs X (one row per
+calibration token). Reconstruction then refits the kept down_proj columns so that the layer's
+output on the calibration tokens changes as little as possible (closed-form ridge regression).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Tuple
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from optipfair.errors import OptiPFairError
+from optipfair.pruning.mlp_glu import select_kept_pairs, shrink_mlp
+
+# Ridge damping, as a fraction of the mean diagonal of H. Larger values keep the refitted weights
+# closer to the original ones, which generalises better to text unlike the calibration text.
+DEFAULT_DAMPING = 0.01
+# Pairs removed per step of the OBS elimination: one step costs about one n x n update.
+_OBS_BLOCK = 16
 
 
-def prune_mlp_calibrated(model, adapter, keep_width, calibration_data, method, reconstruct, show_progress):
-    raise NotImplementedError("calibrated pruning methods are not available yet")
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the wanted inputs are captured."""
+
+
+def check_calibration_data(calibration_data) -> torch.Tensor:
+    """The calibration token ids as a LongTensor [samples, seq_len]; raises OptiPFairError otherwise."""
+    if calibration_data is None:
+        raise OptiPFairError("calibrated pruning needs calibration_data: token ids [samples, seq_len]")
+    if not isinstance(calibration_data, torch.Tensor) or calibration_data.dim() != 2:
+        shape = tuple(calibration_data.shape) if isinstance(calibration_data, torch.Tensor) else type(calibration_data)
+        raise OptiPFairError(f"calibration_data must be a 2-D tensor of token ids [samples, seq_len], got {shape}")
+    if calibration_data.dtype not in (torch.int32, torch.int64) or calibration_data.numel() == 0:
+        raise OptiPFairError("calibration_data must be a non-empty integer tensor of token ids")
+    return calibration_data.long()
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, adapter, calibration_data) -> Tuple[List[torch.Tensor], List[dict]]:
+    """The inputs of the first decoder layer and the keyword arguments of every layer.
+
+    Returns (hidden, layer_kwargs): hidden holds one [1, seq_len, hidden] tensor per calibration
+    row; layer_kwargs[i] is what the model passes to layer i besides the hidden states (rotary
+    embeddings, attention mask, ...). Rows are fed one at a time, so the keyword arguments taken
+    from the first row fit every row; they are taken per layer because models with `layer_types`
+    give sliding-window and full-attention layers different masks.
+    """
+    rows = check_calibration_data(calibration_data).to(next(model.parameters()).device)
+    layers = adapter.layers
+    layer_kwargs: List[dict] = [{} for _ in layers]
+
+    def keep_kwargs(index):
+        def hook(module, args, kwargs):
+            layer_kwargs[index] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(keep_kwargs(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        model(input_ids=rows[:1], use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    hidden: List[torch.Tensor] = []
+
+    def keep_input_and_stop(module, args, kwargs):
+        hidden.append(args[0] if args else kwargs["hidden_states"])
+        raise _StopForward
+
+    handle = layers[0].register_forward_pre_hook(keep_input_and_stop, with_kwargs=True)
+    try:
+        for row in rows:
+            try:
+                model(input_ids=row[None], use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return hidden, layer_kwargs
+
+
+def run_layer(layer: nn.Module, hidden: List[torch.Tensor], kwargs: dict) -> List[torch.Tensor]:
+    """One decoder layer applied to each captured input."""
+    outputs = []
+    for states in hidden:
+        out = layer(states, **kwargs)
+        outputs.append(out[0] if isinstance(out, tuple) else out)
+    return outputs
+
+
+# --- methods: (W [hidden, n], H [n, n] float64, keep_width, damping) -> kept indices -----------------
+
+
+def _select_act(weight: torch.Tensor, gram: torch.Tensor, keep_width: int, damping: float) -> torch.Tensor:
+    """ACT: ||x_i|| * ||W[:, i]||, the size of each pair's contribution to the layer output.
+
+    Structured Wanda: the activation norm comes from calibration text, the column norm from the weights.
+    """
+    score = gram.diagonal().clamp_min(0).sqrt() * weight.double().norm(dim=0)
+    return select_kept_pairs(score, keep_width)
+
+
+def _select_obs(weight: torch.Tensor, gram: torch.Tensor, keep_width: int, damping: float) -> torch.Tensor:
+    """OBS: greedy backward elimination by the structured Optimal Brain Surgeon criterion (ZipLM, SlimGPT).
+
+    Removing pair j and optimally compensating with the others raises the squared output error
+    by ||W[:, j]||^2 / Hinv[j, j]. The cheapest pairs are removed a block at a time; after each
+    block the weights are compensated and Hinv is downdated, so later choices see the earlier ones.
+    """
+    n = gram.shape[0]
+    w = weight.double().clone()
+    hinv = torch.linalg.inv(gram + _ridge(gram, damping) * torch.eye(n, dtype=gram.dtype))
+    alive = torch.ones(n, dtype=torch.bool)
+    to_remove = n - keep_width
+    while to_remove > 0:
+        cost = (w * w).sum(dim=0) / hinv.diagonal()
+        cost[~alive] = float("inf")
+        block = torch.topk(cost, min(_OBS_BLOCK, to_remove), largest=False).indices
+        # Removing a block S: W -= W_S Hinv_SS^-1 Hinv_S: and Hinv -= Hinv_:S Hinv_SS^-1 Hinv_S:.
+        inv_ss = torch.linalg.inv(hinv[block][:, block])
+        w -= w[:, block] @ inv_ss @ hinv[block]
+        hinv -= hinv[:, block] @ inv_ss @ hinv[block]
+        alive[block] = False
+        to_remove -= len(block)
+    return alive.nonzero().squeeze(1)
+
+
+METHODS: Dict[str, Callable] = {"ACT": _select_act, "OBS": _select_obs}
+DEFAULT_METHOD = "OBS"
+
+
+def _ridge(gram: torch.Tensor, damping: float) -> torch.Tensor:
+    """The ridge added to H's diagonal: relative, so one damping fits any activation scale."""
+    return damping * gram.diagonal().mean().clamp_min(1e-12)
+
+
+def refit_down(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, damping: float = DEFAULT_DAMPING) -> torch.Tensor:
+    """The kept down_proj columns refitted so X_K W_K'^T best matches X W^T on calibration tokens.
+
+    Ridge regression pulled toward the original columns (not toward zero):
+        W_K' = W_K + W_R H_RK (H_KK + damping * mean(diag H) * I)^-1
+    where R are the removed pairs. With damping -> infinity this is the plain column slice.
+    Returns [hidden, len(keep)] in the weight's dtype.
+    """
+    removed = torch.ones(len(gram), dtype=torch.bool)
+    removed[keep] = False
+    w = weight.double()
+    kept_gram = gram[keep][:, keep] + _ridge(gram, damping) * torch.eye(len(keep), dtype=gram.dtype)
+    correction = torch.linalg.solve(kept_gram, gram[keep][:, removed] @ w[:, removed].T).T
+    return (w[:, keep] + correction).to(weight.dtype)
+
+
+@torch.no_grad()
+def prune_mlp_calibrated(
+    model: nn.Module,
+    adapter,
+    keep_width: int,
+    calibration_data: torch.Tensor,
+    method: str = DEFAULT_METHOD,
+    reconstruct: bool | None = None,
+    show_progress: bool = True,
+    damping: float = DEFAULT_DAMPING,
+) -> nn.Module:
+    """
+    Prune every GLU MLP to `keep_width` pairs chosen from activations on calibration text.
+
+    Args:
+        model: Model to prune in place (its config is left to the caller)
+        adapter: The model's `ModelAdapter`
+        keep_width: Pairs each MLP keeps
+        calibration_data: Token ids [samples, seq_len]
+        method: One of METHODS ("ACT", "OBS")
+        reconstruct: Refit the kept down_proj columns (None means on)
+        show_progress: Whether to show a progress bar over layers
+        damping: Ridge damping of selection and refit, relative to the mean activation energy
+
+    Returns:
+        model: The pruned model
+    """
+    if method not in METHODS:
+        raise OptiPFairError(f"unknown calibrated method {method!r}: choose one of {', '.join(METHODS)}")
+    if not damping > 0:
+        raise OptiPFairError(f"damping must be positive, got {damping}")
+    select = METHODS[method]
+    reconstruct = True if reconstruct is None else bool(reconstruct)
+    hidden, layer_kwargs = capture_layer_inputs(model, adapter, calibration_data)
+
+    for index, layer in enumerate(tqdm(adapter.layers, desc=f"Calibrated pruning ({method})", disable=not show_progress)):
+        mlp = adapter.mlp(layer)
+        width = adapter.width(mlp)
+        if not 0 < keep_width <= width:
+            raise OptiPFairError(f"keep_width must be between 1 and {width}, got {keep_width}")
+        acts, dense_down = [], []
+
+        def record(module, args, output):
+            acts.append(args[0])
+            dense_down.append(output)
+
+        handle = adapter.down_proj(mlp).register_forward_hook(record)
+        try:
+            outputs = run_layer(layer, hidden, layer_kwargs[index])
+        finally:
+            handle.remove()
+        x = torch.cat([a.reshape(-1, width) for a in acts]).float()
+        gram = (x.T @ x).double()
+        del x
+        weight = adapter.down_proj(mlp).weight.data
+        keep = select(weight.float(), gram, keep_width, damping)
+        down_weight = refit_down(weight, gram, keep, damping) if reconstruct else None
+        shrink_mlp(adapter, mlp, keep)
+        if down_weight is not None:
+            # Installed here rather than through shrink_mlp's down_weight, whose dtype/device cast fails.
+            adapter.down_proj(mlp).weight.data = down_weight.to(weight.device).contiguous()
+        hidden = _pruned_outputs(layer, adapter.down_proj(mlp), hidden, outputs, acts, dense_down, keep, layer_kwargs[index])
+    return model
+
+
+def _pruned_outputs(layer, new_down, hidden, outputs, acts, dense_down, keep, kwargs) -> List[torch.Tensor]:
+    """The pruned layer's outputs, for the next layer's inputs.
+
+    Only down_proj changed, so where the layer adds down_proj's output straight to the residual
+    stream (Llama, Qwen, Mistral, ...) the outputs are patched instead of re-running attention:
+    output - old down(x) + new down(x_K). Checked on the first row; layers that normalise the MLP
+    output first (Gemma 2/3) fail the check and are re-run.
+    """
+    keep = keep.to(acts[0].device)
+    patched = [out - old + new_down(a.index_select(-1, keep)) for out, old, a in zip(outputs, dense_down, acts)]
+    rerun_first = run_layer(layer, hidden[:1], kwargs)[0]
+    if torch.allclose(patched[0], rerun_first, rtol=1e-4, atol=1e-5 * rerun_first.abs().max().item()):
+        return patched
+    return run_layer(layer, hidden, kwargs)

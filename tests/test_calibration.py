@@ -1,0 +1,167 @@
+"""Calibrated width pruning: layer-by-layer capture, selection, reconstruction, rounded widths."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from optipfair import prune_model
+from optipfair.adapters import get_adapter
+from optipfair.errors import OptiPFairError
+from optipfair.pruning import calibration
+from optipfair.pruning.mlp_glu import kept_width
+
+
+def _calibration_rows(samples: int = 6, seq_len: int = 24, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 500, (samples, seq_len), generator=generator)
+
+
+@torch.no_grad()
+def _down_inputs(model, layer_index: int, rows: torch.Tensor) -> torch.Tensor:
+    """The inputs of one layer's down_proj over `rows`, flattened to [tokens, width]."""
+    adapter = get_adapter(model)
+    seen = []
+    down = adapter.down_proj(adapter.mlps[layer_index])
+    handle = down.register_forward_hook(lambda module, args, output: seen.append(args[0]))
+    try:
+        for row in rows:
+            model(input_ids=row[None], use_cache=False)
+    finally:
+        handle.remove()
+    return torch.cat([x.reshape(-1, x.shape[-1]) for x in seen])
+
+
+@pytest.mark.parametrize("method", list(calibration.METHODS))
+def test_every_layer_gets_exactly_the_kept_width(method):
+    model = make_tiny_model("llama", num_hidden_layers=3)
+    prune_model(model, neuron_selection_method=method, pruning_percentage=30,
+                calibration_data=_calibration_rows(), show_progress=False)
+    adapter = get_adapter(model)
+    assert [adapter.width(mlp) for mlp in adapter.mlps] == [kept_width(64, 30)] * 3
+    assert model.config.intermediate_size == kept_width(64, 30)
+
+
+@pytest.mark.parametrize("round_to, expected", [(16, 48), (32, 32), (64, 64)])
+def test_round_to_gives_the_promised_width(round_to, expected):
+    # 64 pairs, 30 % removed -> 45 kept, moved to the nearest multiple of round_to.
+    model = make_tiny_model("llama")
+    prune_model(model, neuron_selection_method="AUTO", pruning_percentage=30, round_to=round_to,
+                calibration_data=_calibration_rows(), show_progress=False)
+    adapter = get_adapter(model)
+    assert {adapter.width(mlp) for mlp in adapter.mlps} == {expected}
+    assert model.config.intermediate_size == expected
+
+
+def test_layer_by_layer_capture_feeds_pruned_outputs_forward():
+    rows = _calibration_rows()
+    dense = make_tiny_model("llama")
+    pruned = copy.deepcopy(dense)
+    # A real forward hook on layer 1's down_proj sees what calibration feeds that layer.
+    seen = []
+    down = get_adapter(pruned).down_proj(get_adapter(pruned).mlps[1])
+    down.register_forward_hook(lambda module, args, output: seen.append(args[0]))
+    calibration.prune_mlp_calibrated(pruned, get_adapter(pruned), 8, rows, "ACT", True, False)
+    # The last call per row is the layer-by-layer pass (an earlier one records layer arguments).
+    calibrated_inputs = torch.cat([x.reshape(-1, x.shape[-1]) for x in seen[-len(rows):]])
+
+    # What layer 1 sees behind the pruned layer 0, and behind the dense one.
+    behind_pruned = copy.deepcopy(dense)
+    behind_pruned.model.layers[0] = pruned.model.layers[0]
+    expected = _down_inputs(behind_pruned, 1, rows)
+    torch.testing.assert_close(calibrated_inputs, expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(calibrated_inputs, _down_inputs(dense, 1, rows), atol=1e-2)
+
+
+def test_reconstruction_lowers_layer_output_error_on_the_same_kept_pairs():
+    rows = _calibration_rows(samples=8)
+    dense = make_tiny_model("llama")
+    x = _down_inputs(dense, 0, rows).double()
+    weight = get_adapter(dense).down_proj(get_adapter(dense).mlps[0]).weight.data
+    gram = x.T @ x
+    keep = calibration.METHODS["ACT"](weight, gram, 24, calibration.DEFAULT_DAMPING)
+    target = x @ weight.double().T
+
+    sliced_error = (x[:, keep] @ weight.double()[:, keep].T - target).norm()
+    refit = calibration.refit_down(weight, gram, keep)
+    refit_error = (x[:, keep] @ refit.double().T - target).norm()
+    assert refit.shape == (weight.shape[0], 24)
+    assert refit_error < 0.9 * sliced_error
+
+
+@pytest.mark.parametrize("method", list(calibration.METHODS))
+def test_reconstruction_brings_the_pruned_model_closer_to_the_dense_one(method):
+    rows = _calibration_rows(samples=8)
+    dense = make_tiny_model("llama")
+    outputs = {}
+    for reconstruct in (False, True):
+        model = copy.deepcopy(dense)
+        prune_model(model, neuron_selection_method=method, pruning_percentage=50, calibration_data=rows,
+                    reconstruct=reconstruct, show_progress=False)
+        outputs[reconstruct] = model(input_ids=rows).logits
+    reference = dense(input_ids=rows).logits
+    assert (outputs[True] - reference).norm() < (outputs[False] - reference).norm()
+
+
+def test_damping_interpolates_between_refit_and_plain_slice():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 16, generator=generator, dtype=torch.float64)
+    weight = torch.randn(8, 16, generator=generator)
+    keep = torch.arange(0, 16, 2)
+    huge = calibration.refit_down(weight, x.T @ x, keep, damping=1e9)
+    torch.testing.assert_close(huge, weight[:, keep], rtol=1e-5, atol=1e-5)
+
+
+def test_obs_keeps_the_pairs_that_carry_the_output():
+    # Pairs 0..3 are dead on the calibration text: OBS must drop them first.
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 12, generator=generator, dtype=torch.float64)
+    x[:, :4] = 0
+    weight = torch.randn(6, 12, generator=generator)
+    keep = calibration.METHODS["OBS"](weight, x.T @ x, 8, calibration.DEFAULT_DAMPING)
+    assert keep.tolist() == list(range(4, 12))
+
+
+def test_works_on_layers_that_normalise_the_mlp_output():
+    # Gemma 2 normalises the MLP output before the residual add: outputs cannot be patched and
+    # must be recomputed, and the pruned model must still run.
+    rows = _calibration_rows()
+    model = make_tiny_model("gemma2")
+    prune_model(model, neuron_selection_method="AUTO", pruning_percentage=25, calibration_data=rows,
+                show_progress=False)
+    assert model.config.intermediate_size == 48
+    assert torch.isfinite(model(input_ids=rows[:2]).logits).all()
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (None, "needs calibration_data"),
+        (torch.zeros(8, dtype=torch.long), "2-D tensor"),
+        (torch.zeros(2, 8), "integer tensor"),
+        ([[1, 2, 3]], "2-D tensor"),
+    ],
+)
+def test_bad_calibration_data_is_refused(data, message):
+    model = make_tiny_model("llama")
+    with pytest.raises(OptiPFairError, match=message):
+        calibration.prune_mlp_calibrated(model, get_adapter(model), 32, data, "OBS", None, False)
+
+
+def test_bad_method_width_and_damping_are_refused():
+    model = make_tiny_model("llama")
+    adapter, rows = get_adapter(model), _calibration_rows()
+    with pytest.raises(OptiPFairError, match="unknown calibrated method"):
+        calibration.prune_mlp_calibrated(model, adapter, 32, rows, "NOPE", None, False)
+    with pytest.raises(OptiPFairError, match="keep_width must be between 1 and 64"):
+        calibration.prune_mlp_calibrated(model, adapter, 65, rows, "OBS", None, False)
+    with pytest.raises(OptiPFairError, match="damping must be positive"):
+        calibration.prune_mlp_calibrated(model, adapter, 32, rows, "OBS", None, False, damping=0)
+
+
+def test_calibrated_method_without_data_is_refused_by_prune_model():
+    with pytest.raises(OptiPFairError, match="needs calibration data"):
+        prune_model(make_tiny_model("llama"), neuron_selection_method=calibration.DEFAULT_METHOD, show_progress=False)
