@@ -200,7 +200,15 @@ def _prune_summary(stats: Dict[str, Any]):
 @app.command()
 def analyze(
     model_path: str = typer.Option(..., "--model-path", help="Local model directory or Hugging Face Hub id."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (for --layer-importance)."),
+    layer_importance: bool = typer.Option(
+        False, "--layer-importance", help="Also measure each layer's importance on calibration text (loads weights)."
+    ),
+    calibration_file: Optional[str] = typer.Option(
+        None, "--calibration-file", help="Text for --layer-importance (default: Python's own docs)."
+    ),
+    calibration_tokens: int = typer.Option(8192, "--calibration-tokens", help="Tokens for --layer-importance."),
+    calibration_seq_len: int = typer.Option(512, "--calibration-seq-len", help="Tokens per calibration window."),
     trust_remote_code: bool = typer.Option(
         False, "--trust-remote-code", help="Run the model repository's own code (only for sources you trust)."
     ),
@@ -208,15 +216,25 @@ def analyze(
 ) -> None:
     """Show a model's layers, sizes, parameter split and what MLP pruning would save.
 
-    Reads only the config: no weights are loaded, so it is instant for models of any size.
+    Without --layer-importance it reads only the config: no weights are loaded, so it is instant
+    for models of any size.
     """
+    from optipfair.adapters import get_adapter
     from optipfair.analysis import analyze_model
-    from optipfair.io import load_skeleton, resolve_device
+    from optipfair.io import load_model, load_skeleton, resolve_device
+    from optipfair.pruning.depth import layer_importance as measure_layers
 
     try:
         resolve_device(device)
         _quiet_transformers()
-        result = analyze_model(load_skeleton(model_path, trust_remote_code))
+        if not layer_importance:
+            result = analyze_model(load_skeleton(model_path, trust_remote_code))
+        else:
+            model, tokenizer = load_model(model_path, device, "auto", trust_remote_code)
+            result = analyze_model(model)
+            calibration = _calibration_data(tokenizer, calibration_file, calibration_tokens, calibration_seq_len)
+            scores = measure_layers(model, get_adapter(model), calibration, show_progress=not as_json)
+            result["layer_importance"] = scores
     except OptiPFairError as error:
         _fail(str(error))
     except KeyboardInterrupt:
@@ -241,6 +259,12 @@ def _analysis_summary(result: Dict[str, Any]):
             f"    {row['pruning_percentage']:>5g}%        {row['intermediate_size']:>6}   {row['expansion_rate']:>8.1f}%"
             f"   {row['parameters_saved']:>14,} ({row['percentage_of_model']:.1f}% of the model)"
         )
+    if "layer_importance" in result:
+        scores = result["layer_importance"]
+        ranks = {index: rank for rank, index in enumerate(sorted(range(len(scores)), key=scores.__getitem__), 1)}
+        yield "  layer importance  (1 - cos(input, output); rank 1 = first to remove with DEPTH)"
+        for index, score in enumerate(scores):
+            yield f"    layer {index:>3}     {score:.4f}   rank {ranks[index]}"
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -116,3 +116,34 @@ def test_output_path_that_is_not_a_model_is_never_replaced(tiny_model_dir, tmp_p
     result = invoke("prune", "--model-path", tiny_model_dir, "--output-path", tmp_path)
     assert result.exit_code == 1 and "not a model directory" in result.stderr
     assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+CALIBRATION = ["--calibration-tokens", 256, "--calibration-seq-len", 64]
+
+
+def test_analyze_layer_importance(tiny_model_dir):
+    result = invoke("analyze", "--model-path", tiny_model_dir, "--layer-importance", *CALIBRATION, "--json")
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.stdout)["layer_importance"]
+    assert len(scores) == 2 and all(0 <= score <= 2 for score in scores)
+
+
+def test_prune_auto_calibrates_on_default_text(tiny_model_dir, tmp_path):
+    result = invoke("prune", "--model-path", tiny_model_dir, "--output-path", tmp_path / "auto", "--method", "AUTO",
+                    "--pruning-percentage", 25, *CALIBRATION, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["pruned_intermediate_size"] == 96
+
+
+def test_prune_depth_removes_layers(tiny_model_dir, tmp_path):
+    result = invoke("prune", "--model-path", tiny_model_dir, "--output-path", tmp_path / "depth", "--pruning-type",
+                    "DEPTH", "--num-layers-to-remove", 1, *CALIBRATION, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["pruned_layers"] == 1
+    assert AutoConfig.from_pretrained(tmp_path / "depth").num_hidden_layers == 1
+
+
+def test_depth_without_layer_count_is_refused(tiny_model_dir, tmp_path):
+    result = invoke("prune", "--model-path", tiny_model_dir, "--output-path", tmp_path / "d", "--pruning-type", "DEPTH")
+    assert result.exit_code == 1 and "--num-layers-to-remove" in result.stderr
+    assert not (tmp_path / "d").exists()
