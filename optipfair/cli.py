@@ -120,7 +120,8 @@ def prune(
     as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON on stdout."),
 ) -> None:
     """Prune a model and save it (model + tokenizer) atomically to --output-path."""
-    from optipfair.io import check_output_path
+    from optipfair.core import prune_model
+    from optipfair.io import check_output_path, load_model, save_model
 
     try:
         method = _check_method(method)
@@ -136,50 +137,38 @@ def prune(
         elif num_layers_to_remove is None:
             raise OptiPFairError("--pruning-type DEPTH needs --num-layers-to-remove")
         check_output_path(output_path)
-        _prune(**locals())
+
+        _quiet_transformers()
+        model, tokenizer = load_model(model_path, device, dtype.value, trust_remote_code)
+        calibration = None
+        if _needs_calibration(pruning_type, method):
+            calibration = _calibration_data(tokenizer, calibration_file, calibration_tokens, calibration_seq_len)
+        model, stats = prune_model(
+            model,
+            pruning_type=pruning_type.value,
+            neuron_selection_method=method,
+            pruning_percentage=pruning_percentage if pruning_type is PruningType.MLP_GLU else None,
+            expansion_rate=expansion_rate,
+            show_progress=verbose and not as_json,
+            return_stats=True,
+            calibration_data=calibration,
+            round_to=round_to,
+            reconstruct=reconstruct,
+            num_layers_to_remove=num_layers_to_remove,
+        )
+        save_model(model, tokenizer, output_path)
+        stats.update(method=method, output_path=str(output_path), model_path=model_path)
+        if verbose or as_json:
+            _print_result(stats, as_json, _prune_summary(stats))
+        else:
+            typer.echo(
+                f"saved {output_path}: {stats['original_parameters']:,} -> {stats['pruned_parameters']:,} parameters "
+                f"(-{stats['percentage_reduction']:.1f}%)"
+            )
     except OptiPFairError as error:
         _fail(str(error))
     except KeyboardInterrupt:
         _fail("interrupted; nothing was written", code=130)
-
-
-def _prune(
-    model_path, output_path, pruning_type, method, pruning_percentage, expansion_rate, device, dtype, verbose,
-    round_to, calibration_file, calibration_tokens, calibration_seq_len, reconstruct, num_layers_to_remove,
-    trust_remote_code, as_json, **_,
-) -> None:
-    from optipfair.core import prune_model
-    from optipfair.io import load_model, save_model
-
-    _quiet_transformers()
-    model, tokenizer = load_model(model_path, device, dtype.value, trust_remote_code)
-    calibration = None
-    if _needs_calibration(pruning_type, method):
-        calibration = _calibration_data(tokenizer, calibration_file, calibration_tokens, calibration_seq_len)
-    model, stats = prune_model(
-        model,
-        pruning_type=pruning_type.value,
-        neuron_selection_method=method,
-        pruning_percentage=pruning_percentage if pruning_type is PruningType.MLP_GLU else None,
-        expansion_rate=expansion_rate,
-        show_progress=verbose and not as_json,
-        return_stats=True,
-        calibration_data=calibration,
-        round_to=round_to,
-        reconstruct=reconstruct,
-        num_layers_to_remove=num_layers_to_remove,
-    )
-    save_model(model, tokenizer, output_path)
-    stats.update(method=method, output_path=str(output_path), model_path=model_path)
-    if as_json:
-        _print_result(stats, True, [])
-    elif not verbose:
-        typer.echo(
-            f"saved {output_path}: {stats['original_parameters']:,} -> {stats['pruned_parameters']:,} parameters "
-            f"(-{stats['percentage_reduction']:.1f}%)"
-        )
-    else:
-        _print_result(stats, False, _prune_summary(stats))
 
 
 def _prune_summary(stats: Dict[str, Any]):
