@@ -15,11 +15,12 @@ from typing import Any, Dict, Optional
 import yaml
 
 from optipfair.errors import OptiPFairError
+from optipfair.pruning import calibration as calibrated
+from optipfair.pruning.mlp_glu import IMPORTANCE_FUNCTIONS
 
 BASE_NAME = "base"
 VARIANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
-WEIGHT_METHODS = ("MAW", "VOW", "PON")
 
 
 class ParamsError(OptiPFairError):
@@ -42,7 +43,7 @@ class Variant:
     @property
     def needs_calibration(self) -> bool:
         """Whether pruning reads calibration text (activation-driven methods and depth pruning)."""
-        return self.pruning_type == "DEPTH" or self.method not in WEIGHT_METHODS
+        return self.pruning_type == "DEPTH" or self.method not in IMPORTANCE_FUNCTIONS
 
     def fields(self) -> Dict[str, Any]:
         """The user-set fields (no name, no unset options), as logged to MLflow and shown in the report."""
@@ -243,10 +244,7 @@ def _check_windows(section: Dict[str, Any], name: str, where: str) -> None:
 
 def _known_methods() -> tuple:
     """Every method name `optipfair.prune_model` accepts, asked of the library so the two never drift."""
-    from optipfair.pruning import calibration
-    from optipfair.pruning.mlp_glu import IMPORTANCE_FUNCTIONS
-
-    return (*IMPORTANCE_FUNCTIONS, *calibration.METHODS, "AUTO")
+    return (*IMPORTANCE_FUNCTIONS, *calibrated.METHODS, "AUTO")
 
 
 def _variants(raw, where: str) -> Dict[str, Variant]:

@@ -143,22 +143,23 @@ def test_editing_one_variant_reruns_only_that_variant(project):
 
 def test_added_variant_survives_a_broken_mlflow_store_and_is_logged_later(project, tmp_path):
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["variants"]["pon-30"] = {"method": "PON", "pruning_percentage": 30}
+    # A calibrated variant, so the calibration text path of the prune stage runs too.
+    params["variants"]["auto-30"] = {"method": "AUTO", "pruning_percentage": 30, "round_to": 8}
     _write_params(project, params)
 
     # A store that cannot be opened (its folder is a file): only tracking may fail.
     (tmp_path / "not-a-folder").write_text("")
     ran, done = _repro(project, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/not-a-folder/mlflow.db")
     assert done.returncode != 0
-    assert ran == VARIANT_STAGES("pon-30")
+    assert ran == VARIANT_STAGES("auto-30")
     assert "MLflow tracking" in done.stderr and "Traceback" not in done.stderr
-    assert json.loads((project / "reports/metrics/pon-30.json").read_text())["perplexity"] > 0
-    assert "| pon-30 |" in (project / "reports/summary.md").read_text()
+    assert json.loads((project / "reports/metrics/auto-30.json").read_text())["perplexity"] > 0
+    assert "| auto-30 |" in (project / "reports/summary.md").read_text()
 
     ran, done = _repro(project)
     assert done.returncode == 0, done.stdout + done.stderr
     assert ran == {"track"}
-    assert "pon-30:30" in _runs(project)
+    assert "auto-30:30" in _runs(project)
 
 
 BAD_PARAMS = [
