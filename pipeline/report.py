@@ -86,7 +86,10 @@ def _plots(rows: Dict[str, dict]) -> None:
     axis.scatter(millions, [rows[n]["perplexity"] for n in names])
     for name, x in zip(names, millions):
         axis.annotate(name, (x, rows[name]["perplexity"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    axis.set(xlabel="parameters (millions)", ylabel="perplexity (lower is better)", title="Perplexity vs parameters")
+    # Log scale: a badly pruned variant can be 10-100x worse and would flatten all the others.
+    axis.set_yscale("log")
+    axis.set(xlabel="parameters (millions)", ylabel="perplexity (log scale, lower is better)",
+             title="Perplexity vs parameters")
     _save(figure, PLOT_FILES["perplexity"])
 
     figure, axis = plt.subplots(figsize=(6, 4))

@@ -25,7 +25,7 @@ from pipeline.report import PLOT_FILES
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 KEY_TAG = "optipfair.run_key"
-COMPLETE_TAG = "optipfair.synced_metrics_sha256"
+COMPLETE_TAG = "optipfair.synced_sha256"
 
 
 class TrackingError(OptiPFairError):
@@ -109,12 +109,14 @@ def _sync(params: Params, uri: str) -> Dict[str, dict]:
     for model in params.model_names():
         metrics_path = layout.metrics_file(model)
         metrics: Dict[str, Any] = layout.read_json(metrics_path)
-        metrics_sha = hashlib.sha256(metrics_path.read_bytes()).hexdigest()
+        artifacts = [metrics_path, *shared_artifacts]
+        # What this run shows: when none of it changed since the last complete sync, skip the run.
+        content_sha = hashlib.sha256(b"".join(hashlib.sha256(p.read_bytes()).digest() for p in artifacts)).hexdigest()
         key = run_key(params, model)
         found = client.search_runs([experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{key}'", max_results=1)
         if found:
             run_id = found[0].info.run_id
-            if found[0].data.tags.get(COMPLETE_TAG) == metrics_sha:
+            if found[0].data.tags.get(COMPLETE_TAG) == content_sha:
                 ledger[model] = {"run_id": run_id, "run_key": key, "status": "unchanged"}
                 continue
             status = "updated"
@@ -132,11 +134,11 @@ def _sync(params: Params, uri: str) -> Dict[str, dict]:
                 RunTag("model_source", params.base["source"]),
             ],
         )
-        for artifact in [metrics_path, *shared_artifacts]:
+        for artifact in artifacts:
             # Kept under the same folders as in the project (reports/metrics/base.json, ...).
             client.log_artifact(run_id, str(artifact), artifact_path=str(artifact.parent))
         # Marked last: a sync that dies before this line is redone in full by the next one.
-        client.set_tag(run_id, COMPLETE_TAG, metrics_sha)
+        client.set_tag(run_id, COMPLETE_TAG, content_sha)
         client.set_terminated(run_id)
         ledger[model] = {"run_id": run_id, "run_key": key, "status": status}
     return ledger
