@@ -65,8 +65,7 @@ def test_layer_by_layer_capture_feeds_pruned_outputs_forward():
     down = get_adapter(pruned).down_proj(get_adapter(pruned).mlps[1])
     down.register_forward_hook(lambda module, args, output: seen.append(args[0]))
     calibration.prune_mlp_calibrated(pruned, get_adapter(pruned), 8, rows, "ACT", True, False)
-    # The last call per row is the layer-by-layer pass (an earlier one records layer arguments).
-    calibrated_inputs = torch.cat([x.reshape(-1, x.shape[-1]) for x in seen[-len(rows):]])
+    calibrated_inputs = torch.cat([x.reshape(-1, x.shape[-1]) for x in seen])
 
     # What layer 1 sees behind the pruned layer 0, and behind the dense one.
     behind_pruned = copy.deepcopy(dense)

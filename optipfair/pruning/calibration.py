@@ -25,12 +25,34 @@ from optipfair.pruning.mlp_glu import select_kept_pairs, shrink_mlp
 # Ridge damping, as a fraction of the mean diagonal of H. Larger values keep the refitted weights
 # closer to the original ones, which generalises better to text unlike the calibration text.
 DEFAULT_DAMPING = 0.01
-# Pairs removed per step of the OBS elimination: one step costs about one n x n update.
-_OBS_BLOCK = 16
+# Pairs removed per step of the OBS elimination: one step costs about one n x n update. On
+# SmolLM2 layers, blocks of 64 raise the layer error 0.1 % over one-at-a-time at 1/20 of the time.
+_OBS_BLOCK = 64
+# Calibration rows per forward: CPU attention is several times slower per token on single rows.
+BATCH_SIZE = 16
 
 
 class _StopForward(Exception):
-    """Raised by a hook to end a forward pass once the wanted inputs are captured."""
+    """Raised by a recorder to end a forward pass once the wanted inputs are captured."""
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer during capture: records what the layer would get, runs nothing."""
+
+    def __init__(self, layer: nn.Module, on_call: Callable):
+        super().__init__()
+        self.layer = layer
+        self.on_call = on_call
+
+    def __getattr__(self, name):
+        # The model's forward may read layer attributes (e.g. `attention_type`): answer for the layer.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("layer"), name)
+
+    def forward(self, *args, **kwargs):
+        return self.on_call(*args, **kwargs)
 
 
 def check_calibration_data(calibration_data) -> torch.Tensor:
@@ -46,52 +68,55 @@ def check_calibration_data(calibration_data) -> torch.Tensor:
 
 
 @torch.no_grad()
-def capture_layer_inputs(model: nn.Module, adapter, calibration_data) -> Tuple[List[torch.Tensor], List[dict]]:
+def capture_layer_inputs(
+    model: nn.Module, adapter, calibration_data, batch_size: int = BATCH_SIZE
+) -> Tuple[List[torch.Tensor], List[dict]]:
     """The inputs of the first decoder layer and the keyword arguments of every layer.
 
-    Returns (hidden, layer_kwargs): hidden holds one [1, seq_len, hidden] tensor per calibration
-    row; layer_kwargs[i] is what the model passes to layer i besides the hidden states (rotary
-    embeddings, attention mask, ...). Rows are fed one at a time, so the keyword arguments taken
-    from the first row fit every row; they are taken per layer because models with `layer_types`
-    give sliding-window and full-attention layers different masks.
+    Returns (hidden, layer_kwargs): hidden holds one [rows, seq_len, hidden] tensor per batch of
+    calibration rows; layer_kwargs[i] is what the model passes to layer i besides the hidden
+    states (rotary embeddings, attention mask, ...). They are recorded on a one-row pass, so they
+    broadcast over any batch (rows have no padding), and per layer because models with
+    `layer_types` give sliding-window and full-attention layers different masks.
     """
     rows = check_calibration_data(calibration_data).to(next(model.parameters()).device)
     layers = adapter.layers
+    originals = list(layers)
     layer_kwargs: List[dict] = [{} for _ in layers]
-
-    def keep_kwargs(index):
-        def hook(module, args, kwargs):
-            layer_kwargs[index] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-
-        return hook
-
-    handles = [layer.register_forward_pre_hook(keep_kwargs(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        model(input_ids=rows[:1], use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-
     hidden: List[torch.Tensor] = []
+    first_pass = True
 
-    def keep_input_and_stop(module, args, kwargs):
-        hidden.append(args[0] if args else kwargs["hidden_states"])
-        raise _StopForward
+    def recorder(index: int) -> _Recorder:
+        def on_call(*args, **kwargs):
+            states = args[0] if args else kwargs.pop("hidden_states")
+            if first_pass:  # a one-row pass through every layer, to read its keyword arguments
+                layer_kwargs[index] = kwargs
+                if index < len(originals) - 1:
+                    return states
+            else:
+                hidden.append(states)
+            raise _StopForward
 
-    handle = layers[0].register_forward_pre_hook(keep_input_and_stop, with_kwargs=True)
+        return _Recorder(originals[index], on_call)
+
+    # The real layers are swapped out, so capturing costs an embedding lookup, not a forward pass.
+    for index in range(len(originals)):
+        layers[index] = recorder(index)
     try:
-        for row in rows:
+        for batch in [rows[:1], *rows.split(batch_size)]:
             try:
-                model(input_ids=row[None], use_cache=False)
+                model(input_ids=batch, use_cache=False)
             except _StopForward:
                 pass
+            first_pass = False
     finally:
-        handle.remove()
+        for index, layer in enumerate(originals):
+            layers[index] = layer
     return hidden, layer_kwargs
 
 
 def run_layer(layer: nn.Module, hidden: List[torch.Tensor], kwargs: dict) -> List[torch.Tensor]:
-    """One decoder layer applied to each captured input."""
+    """One decoder layer applied to each captured batch of inputs."""
     outputs = []
     for states in hidden:
         out = layer(states, **kwargs)
@@ -120,8 +145,8 @@ def _select_obs(weight: torch.Tensor, gram: torch.Tensor, keep_width: int, dampi
     """
     n = gram.shape[0]
     w = weight.double().clone()
-    hinv = torch.linalg.inv(gram + _ridge(gram, damping) * torch.eye(n, dtype=gram.dtype))
-    alive = torch.ones(n, dtype=torch.bool)
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(gram + _ridge(gram, damping) * _eye(n, gram)))
+    alive = torch.ones(n, dtype=torch.bool, device=gram.device)
     to_remove = n - keep_width
     while to_remove > 0:
         cost = (w * w).sum(dim=0) / hinv.diagonal()
@@ -140,6 +165,10 @@ METHODS: Dict[str, Callable] = {"ACT": _select_act, "OBS": _select_obs}
 DEFAULT_METHOD = "OBS"
 
 
+def _eye(n: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.eye(n, dtype=like.dtype, device=like.device)
+
+
 def _ridge(gram: torch.Tensor, damping: float) -> torch.Tensor:
     """The ridge added to H's diagonal: relative, so one damping fits any activation scale."""
     return damping * gram.diagonal().mean().clamp_min(1e-12)
@@ -153,10 +182,10 @@ def refit_down(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, dam
     where R are the removed pairs. With damping -> infinity this is the plain column slice.
     Returns [hidden, len(keep)] in the weight's dtype.
     """
-    removed = torch.ones(len(gram), dtype=torch.bool)
+    removed = torch.ones(len(gram), dtype=torch.bool, device=gram.device)
     removed[keep] = False
     w = weight.double()
-    kept_gram = gram[keep][:, keep] + _ridge(gram, damping) * torch.eye(len(keep), dtype=gram.dtype)
+    kept_gram = gram[keep][:, keep] + _ridge(gram, damping) * _eye(len(keep), gram)
     correction = torch.linalg.solve(kept_gram, gram[keep][:, removed] @ w[:, removed].T).T
     return (w[:, keep] + correction).to(weight.dtype)
 
@@ -231,12 +260,13 @@ def _pruned_outputs(layer, new_down, hidden, outputs, acts, dense_down, keep, kw
 
     Only down_proj changed, so where the layer adds down_proj's output straight to the residual
     stream (Llama, Qwen, Mistral, ...) the outputs are patched instead of re-running attention:
-    output - old down(x) + new down(x_K). Checked on the first row; layers that normalise the MLP
+    output - old down(x) + new down(x_K). Checked on the first batch; layers that normalise the MLP
     output first (Gemma 2/3) fail the check and are re-run.
     """
     keep = keep.to(acts[0].device)
     patched = [out - old + new_down(a.index_select(-1, keep)) for out, old, a in zip(outputs, dense_down, acts)]
-    rerun_first = run_layer(layer, hidden[:1], kwargs)[0]
-    if torch.allclose(patched[0], rerun_first, rtol=1e-4, atol=1e-5 * rerun_first.abs().max().item()):
+    # Two rows are enough to tell, and cheaper than the whole first batch.
+    rerun = run_layer(layer, [hidden[0][:2]], kwargs)[0]
+    if torch.allclose(patched[0][:2], rerun, rtol=1e-4, atol=1e-5 * rerun.abs().max().item()):
         return patched
     return run_layer(layer, hidden, kwargs)
