@@ -16,12 +16,12 @@ import json
 import os
 import subprocess
 import time
-from typing import Any, Dict
+from typing import Dict
 
 from optipfair.errors import OptiPFairError
 from pipeline import layout
 from pipeline.params import BASE_NAME, Params
-from pipeline.report import PLOT_FILES
+from pipeline.report import PLOT_FILES, collect
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 KEY_TAG = "optipfair.run_key"
@@ -40,10 +40,9 @@ def tracking_uri() -> str:
 def run(params: Params) -> Dict[str, dict]:
     """Create or update one MLflow run per model; write reports/mlflow_runs.json; return it."""
     uri = tracking_uri()
+    metrics = collect(params)  # a missing metrics file is a pipeline problem, not a tracking one
     try:
-        ledger = _sync(params, uri)
-    except OptiPFairError:
-        raise
+        ledger = _sync(params, metrics, uri)
     except Exception as error:  # the store can fail in many ways (locked db, server down, bad URI)
         first_line = (str(error).splitlines() or [""])[0]
         raise TrackingError(
@@ -95,7 +94,7 @@ def git_commit() -> str:
         return "unknown"
 
 
-def _sync(params: Params, uri: str) -> Dict[str, dict]:
+def _sync(params: Params, all_metrics: Dict[str, dict], uri: str) -> Dict[str, dict]:
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
@@ -106,9 +105,8 @@ def _sync(params: Params, uri: str) -> Dict[str, dict]:
     commit = git_commit()
     shared_artifacts = [p for p in (layout.SUMMARY, layout.ANALYSIS, *PLOT_FILES.values()) if p.is_file()]
     ledger = {}
-    for model in params.model_names():
+    for model, metrics in all_metrics.items():
         metrics_path = layout.metrics_file(model)
-        metrics: Dict[str, Any] = layout.read_json(metrics_path)
         artifacts = [metrics_path, *shared_artifacts]
         # What this run shows: when none of it changed since the last complete sync, skip the run.
         content_sha = hashlib.sha256(b"".join(hashlib.sha256(p.read_bytes()).digest() for p in artifacts)).hexdigest()
