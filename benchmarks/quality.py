@@ -142,6 +142,18 @@ def markdown(rows: list, setup: dict) -> str:
     return "\n".join(lines)
 
 
+def _kept_rows(path: Path, setup: dict, args) -> list:
+    """Rows of an earlier run with the same data, minus the ones this run redoes."""
+    if not path.exists():
+        return []
+    earlier = json.loads(path.read_text())
+    same = ("model", "calibration_tokens", "eval_tokens", "ood_tokens", "seq_len")
+    if any(earlier["setup"][k] != setup[k] for k in same):
+        raise SystemExit(f"--keep: {path} was measured with other settings {earlier['setup']}")
+    redo = {(m, p) for m in args.methods for p in args.percentages}
+    return [r for r in earlier["rows"] if (r["method"], r["percentage"]) not in redo]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="/work/cache/smollm2-135m", help="local model directory")
@@ -154,6 +166,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ood-file", help="out-of-domain text file (default: the license texts)")
     parser.add_argument("--quick", action="store_true", help="20 %% only, 8k calibration and 4k eval tokens")
+    parser.add_argument("--keep", action="store_true",
+                        help="reuse rows of the earlier results file for every (method, percentage) not run now")
     parser.add_argument("--name", help="results file stem (default: quality, or quality_quick with --quick)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -191,8 +205,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         calibration_file = Path(scratch) / "calibration.pt"
         torch.save(calibration, calibration_file)
-        rows = [{"method": "base", "percentage": 0, "prune_seconds": 0.0, "peak_rss_mib": 0.0,
-                 **evaluate(args.model, windows)}]
+        rows = _kept_rows(RESULTS / f"{stem}.json", setup, args) if args.keep else []
+        if not any(r["method"] == "base" for r in rows):
+            rows.insert(0, {"method": "base", "percentage": 0, "prune_seconds": 0.0, "peak_rss_mib": 0.0,
+                            **evaluate(args.model, windows)})
         print(f"base: {rows[0]}", flush=True)
         for percentage in args.percentages:
             for method in args.methods:

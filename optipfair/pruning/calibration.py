@@ -22,9 +22,10 @@ from tqdm.auto import tqdm
 from optipfair.errors import OptiPFairError
 from optipfair.pruning.mlp_glu import select_kept_pairs, shrink_mlp
 
-# Ridge damping, as a fraction of the mean diagonal of H. Larger values keep the refitted weights
-# closer to the original ones, which generalises better to text unlike the calibration text.
-DEFAULT_DAMPING = 0.01
+# Ridge damping, as a fraction of the mean diagonal of H; it keeps H invertible. Measured on
+# SmolLM2 at 20 % (perplexity in-domain / license text): 0.001 -> 15.33 / 28.2, 0.01 -> 15.31 /
+# 28.9, 0.1 -> 16.57 / 32.8. More damping pulls toward weight-only choices and hurts both.
+DEFAULT_DAMPING = 0.001
 # Pairs removed per step of the OBS elimination: one step costs about one n x n update. On
 # SmolLM2 layers, blocks of 64 raise the layer error 0.1 % over one-at-a-time at 1/20 of the time.
 _OBS_BLOCK = 64
@@ -221,6 +222,9 @@ def prune_mlp_calibrated(
         raise OptiPFairError(f"unknown calibrated method {method!r}: choose one of {', '.join(METHODS)}")
     if not damping > 0:
         raise OptiPFairError(f"damping must be positive, got {damping}")
+    width = adapter.width(adapter.mlps[0])
+    if not 0 < keep_width <= width:
+        raise OptiPFairError(f"keep_width must be between 1 and {width}, got {keep_width}")
     select = METHODS[method]
     reconstruct = True if reconstruct is None else bool(reconstruct)
     hidden, layer_kwargs = capture_layer_inputs(model, adapter, calibration_data)
@@ -228,8 +232,6 @@ def prune_mlp_calibrated(
     for index, layer in enumerate(tqdm(adapter.layers, desc=f"Calibrated pruning ({method})", disable=not show_progress)):
         mlp = adapter.mlp(layer)
         width = adapter.width(mlp)
-        if not 0 < keep_width <= width:
-            raise OptiPFairError(f"keep_width must be between 1 and {width}, got {keep_width}")
         acts, dense_down = [], []
 
         def record(module, args, output):
