@@ -127,9 +127,8 @@ def markdown(rows: list, setup: dict) -> str:
         "| prune s | peak RSS MiB |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        if r["method"] == "base":
-            continue
+    order = {m: i for i, m in enumerate(METHODS)}
+    for r in sorted((r for r in rows if r["method"] != "base"), key=lambda r: (r["percentage"], order[r["method"]])):
         ref = refs.get(r["percentage"])
         vs = [f"{r[k] / ref[k]:.3f}" if ref else "" for k in ("in_domain", "out_of_domain")]
         lines.append(
