@@ -164,3 +164,13 @@ def test_bad_method_width_and_damping_are_refused():
 def test_calibrated_method_without_data_is_refused_by_prune_model():
     with pytest.raises(OptiPFairError, match="needs calibration data"):
         prune_model(make_tiny_model("llama"), neuron_selection_method=calibration.DEFAULT_METHOD, show_progress=False)
+
+
+def test_calibrated_pruning_keeps_a_bfloat16_model_in_bfloat16():
+    import optipfair
+
+    model = make_tiny_model("llama").to(torch.bfloat16)
+    optipfair.prune_model(model, neuron_selection_method="OBS", pruning_percentage=25, show_progress=False,
+                          calibration_data=torch.randint(0, 512, (4, 32)))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.config.intermediate_size == 48

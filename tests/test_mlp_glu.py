@@ -161,3 +161,17 @@ def test_bad_arguments_raise_clear_errors_and_leave_model_untouched(kwargs, mess
         optipfair.prune_model(model, show_progress=False, **kwargs)
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_shrink_mlp_installs_a_refitted_down_weight_in_the_models_dtype():
+    from optipfair.adapters import get_adapter
+    from optipfair.pruning.mlp_glu import shrink_mlp
+
+    model = make_tiny_model("llama").to(torch.bfloat16)
+    adapter = get_adapter(model)
+    mlp = adapter.mlps[0]
+    refit = torch.randn(32, 16, dtype=torch.float64)
+    shrink_mlp(adapter, mlp, torch.arange(16), down_weight=refit)
+    assert mlp.down_proj.weight.dtype == torch.bfloat16
+    assert torch.equal(mlp.down_proj.weight, refit.to(torch.bfloat16))
+    assert mlp.gate_proj.out_features == mlp.up_proj.out_features == 16

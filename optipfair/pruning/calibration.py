@@ -249,10 +249,7 @@ def prune_mlp_calibrated(
         weight = adapter.down_proj(mlp).weight.data
         keep = select(weight.float(), gram, keep_width, damping)
         down_weight = refit_down(weight, gram, keep, damping) if reconstruct else None
-        shrink_mlp(adapter, mlp, keep)
-        if down_weight is not None:
-            # Installed here rather than through shrink_mlp's down_weight, whose dtype/device cast fails.
-            adapter.down_proj(mlp).weight.data = down_weight.to(weight.device).contiguous()
+        shrink_mlp(adapter, mlp, keep, down_weight)
         hidden = _pruned_outputs(layer, adapter.down_proj(mlp), hidden, outputs, acts, dense_down, keep, layer_kwargs[index])
     return model
 

@@ -154,7 +154,7 @@ def _pruned_projections(
     new_down = slice_linear(mlp.down_proj, keep, dim=1)
     if down_weight is not None:
         # A refitted down_proj (reconstruction) replaces the plain column slice.
-        new_down.weight.data = down_weight.to(new_down.weight.dtype, new_down.weight.device).contiguous()
+        new_down.weight.data = down_weight.to(device=new_down.weight.device, dtype=new_down.weight.dtype).contiguous()
     return slice_linear(gate, keep, dim=0), slice_linear(up, keep, dim=0), new_down
 
 
