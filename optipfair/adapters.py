@@ -129,6 +129,11 @@ class FusedGLUFamily:
 _FAMILIES = (GLUFamily, FusedGLUFamily)
 
 
+def family_of(mlp: nn.Module):
+    """The GLU family whose layout `mlp` has, or None."""
+    return next((family for family in _FAMILIES if family.matches(mlp)), None)
+
+
 @dataclass
 class ModelAdapter:
     """A GLU model seen as a list of decoder layers, each with one gated MLP."""
@@ -195,7 +200,7 @@ def incompatibility(model: nn.Module) -> Optional[str]:
             "pruning experts one by one would give them different widths that stock transformers cannot reload"
         )
     for index, mlp in enumerate(mlps):
-        if not any(family.matches(mlp) for family in _FAMILIES):
+        if family_of(mlp) is None:
             return (
                 f"layer {index} MLP ({type(mlp).__name__}) is not a gated (GLU) MLP: expected "
                 "gate_proj/up_proj/down_proj or gate_up_proj/down_proj"
@@ -209,5 +214,4 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
     if reason is not None:
         raise OptiPFairError(f"cannot prune this model: {reason}")
     layers = find_layers(model)
-    family = next(f for f in _FAMILIES if f.matches(_mlp_of(layers[0])))
-    return ModelAdapter(model=model, layers=layers, family=family)
+    return ModelAdapter(model=model, layers=layers, family=family_of(_mlp_of(layers[0])))

@@ -47,19 +47,18 @@ def _quiet_transformers() -> None:
 
 
 def _check_method(method: str) -> str:
-    from optipfair.pruning import calibration
-    from optipfair.pruning.mlp_glu import IMPORTANCE_FUNCTIONS
+    from optipfair.pruning.mlp_glu import known_methods
 
-    known = [*IMPORTANCE_FUNCTIONS, *calibration.METHODS, "AUTO"]
+    known = known_methods()
     if method.upper() not in known:
         raise OptiPFairError(f"unknown method {method!r}: choose one of {', '.join(known)}")
     return method.upper()
 
 
 def _needs_calibration(pruning_type: PruningType, method: str) -> bool:
-    from optipfair.pruning import calibration
+    from optipfair.pruning.mlp_glu import needs_calibration
 
-    return pruning_type is PruningType.DEPTH or method == "AUTO" or method in calibration.METHODS
+    return pruning_type is PruningType.DEPTH or needs_calibration(method)
 
 
 def _calibration_data(tokenizer, calibration_file: Optional[str], num_tokens: int, seq_len: int):

@@ -15,8 +15,7 @@ from typing import Any, Dict, Optional
 import yaml
 
 from optipfair.errors import OptiPFairError
-from optipfair.pruning import calibration as calibrated
-from optipfair.pruning.mlp_glu import IMPORTANCE_FUNCTIONS
+from optipfair.pruning.mlp_glu import known_methods, needs_calibration
 
 BASE_NAME = "base"
 VARIANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
@@ -43,7 +42,7 @@ class Variant:
     @property
     def needs_calibration(self) -> bool:
         """Whether pruning reads calibration text (activation-driven methods and depth pruning)."""
-        return self.pruning_type == "DEPTH" or self.method not in IMPORTANCE_FUNCTIONS
+        return self.pruning_type == "DEPTH" or needs_calibration(self.method)
 
     def fields(self) -> Dict[str, Any]:
         """The user-set fields (no name, no unset options), as logged to MLflow and shown in the report."""
@@ -242,17 +241,12 @@ def _check_windows(section: Dict[str, Any], name: str, where: str) -> None:
         raise _fail(where, f"{name}.num_tokens", "must be at least seq_len (and seq_len at least 2)")
 
 
-def _known_methods() -> tuple:
-    """Every method name `optipfair.prune_model` accepts, asked of the library so the two never drift."""
-    return (*IMPORTANCE_FUNCTIONS, *calibrated.METHODS, "AUTO")
-
-
 def _variants(raw, where: str) -> Dict[str, Variant]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
         raise _fail(where, "variants", "must map each variant name to its fields, e.g. `maw-20: {method: MAW, ...}`")
-    methods = _known_methods()
+    methods = known_methods()
     variants = {}
     for name, fields in raw.items():
         prefix = f"variants.{name}"

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from optipfair.adapters import FusedGLUFamily, GLUFamily, ModelAdapter, get_adapter, slice_linear
+from optipfair.adapters import ModelAdapter, family_of, get_adapter, slice_linear
 from optipfair.errors import OptiPFairError
 
 
@@ -141,10 +141,10 @@ def select_kept_pairs(importance_scores: torch.Tensor, width: int) -> torch.Tens
 
 
 def _family_of(mlp: nn.Module):
-    for family in (GLUFamily, FusedGLUFamily):
-        if family.matches(mlp):
-            return family
-    raise OptiPFairError(f"{type(mlp).__name__} is not a gated (GLU) MLP")
+    family = family_of(mlp)
+    if family is None:
+        raise OptiPFairError(f"{type(mlp).__name__} is not a gated (GLU) MLP")
+    return family
 
 
 def _pruned_projections(
@@ -250,19 +250,29 @@ def prune_model_mlp_glu(
     return model
 
 
+def known_methods() -> tuple:
+    """Every neuron selection method name `prune_model` accepts."""
+    from optipfair.pruning import calibration
+
+    return (*IMPORTANCE_FUNCTIONS, *calibration.METHODS, "AUTO")
+
+
+def needs_calibration(method: str) -> bool:
+    """Whether `method` selects neurons from activations (calibration text)."""
+    return str(method).upper() not in IMPORTANCE_FUNCTIONS
+
+
 def resolve_method(name: str, calibration_data) -> str:
     """The canonical method name; checks that calibrated methods get calibration data."""
     from optipfair.pruning import calibration
 
     method = str(name).upper()
-    calibrated = tuple(calibration.METHODS)
     if method == "AUTO":
         return calibration.DEFAULT_METHOD if calibration_data is not None else "MAW"
     if method in IMPORTANCE_FUNCTIONS:
         return method
-    if method in calibrated:
+    if method in calibration.METHODS:
         if calibration_data is None:
             raise OptiPFairError(f"method {method} needs calibration data (calibration_data=token ids)")
         return method
-    choices = ", ".join([*IMPORTANCE_FUNCTIONS, *calibrated, "AUTO"])
-    raise OptiPFairError(f"unknown neuron selection method {name!r}: choose one of {choices}")
+    raise OptiPFairError(f"unknown neuron selection method {name!r}: choose one of {', '.join(known_methods())}")
