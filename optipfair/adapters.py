@@ -173,6 +173,10 @@ class ModelAdapter:
     def down_proj(self, mlp: nn.Module) -> nn.Linear:
         return mlp.down_proj
 
+    def replace_down_proj(self, mlp: nn.Module, module: nn.Module) -> None:
+        """Swap in `module` for down_proj (every supported family names it `down_proj`)."""
+        mlp.down_proj = module
+
     def width(self, mlp: nn.Module) -> int:
         """Number of neuron pairs (the MLP's intermediate size)."""
         return mlp.down_proj.in_features

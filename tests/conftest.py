@@ -54,8 +54,10 @@ def make_tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
     model = AutoModelForCausalLM.from_config(config)
     # Random init gives near-zero logits; larger weights make logit comparisons meaningful.
     with torch.no_grad():
-        for parameter in model.parameters():
+        for name, parameter in model.named_parameters():
             if parameter.dim() >= 2:
+                parameter.normal_(0, 0.2)
+            elif name.endswith(".bias"):  # zero by default, which would hide a dropped bias
                 parameter.normal_(0, 0.2)
     return model.eval()
 

@@ -21,18 +21,26 @@ def _calibration_rows(samples: int = 6, seq_len: int = 24, seed: int = 1) -> tor
 
 
 @torch.no_grad()
-def _down_inputs(model, layer_index: int, rows: torch.Tensor) -> torch.Tensor:
-    """The inputs of one layer's down_proj over `rows`, flattened to [tokens, width]."""
-    adapter = get_adapter(model)
+def _inputs_of(module, model, rows: torch.Tensor) -> torch.Tensor:
+    """What `module` (a part of `model`) gets over `rows`, flattened to [tokens, features]."""
     seen = []
-    down = adapter.down_proj(adapter.mlps[layer_index])
-    handle = down.register_forward_hook(lambda module, args, output: seen.append(args[0]))
+    handle = module.register_forward_hook(lambda module, args, output: seen.append(args[0]))
     try:
         for row in rows:
             model(input_ids=row[None], use_cache=False)
     finally:
         handle.remove()
     return torch.cat([x.reshape(-1, x.shape[-1]) for x in seen])
+
+
+def _down_inputs(model, layer_index: int, rows: torch.Tensor) -> torch.Tensor:
+    """The inputs of one layer's down_proj over `rows`."""
+    return _inputs_of(get_adapter(model).down_proj(get_adapter(model).mlps[layer_index]), model, rows)
+
+
+def _layer_inputs(model, layer_index: int, rows: torch.Tensor) -> torch.Tensor:
+    """The hidden states that enter decoder layer `layer_index` (seen by its first norm)."""
+    return _inputs_of(model.model.layers[layer_index].input_layernorm, model, rows)
 
 
 @pytest.mark.parametrize("method", list(calibration.METHODS))
@@ -56,23 +64,29 @@ def test_round_to_gives_the_promised_width(round_to, expected):
     assert model.config.intermediate_size == expected
 
 
-def test_layer_by_layer_capture_feeds_pruned_outputs_forward():
+# Llama adds the MLP output to the residual (outputs are patched); Gemma 2 normalises it first
+# (the layer is re-run); Phi-3 has a fused gate_up_proj; biased down_proj must keep its bias.
+@pytest.mark.parametrize("arch, overrides", [("llama", {}), ("gemma2", {}), ("phi3", {}), ("llama", {"mlp_bias": True})])
+def test_layer_by_layer_capture_feeds_pruned_outputs_forward(arch, overrides):
     rows = _calibration_rows()
-    dense = make_tiny_model("llama")
+    dense = make_tiny_model(arch, **overrides)
     pruned = copy.deepcopy(dense)
-    # A real forward hook on layer 1's down_proj sees what calibration feeds that layer.
+    # A real forward hook on layer 1's first norm sees what calibration feeds that layer; its first
+    # call is the calibration batch (the 6 rows fit one), later ones re-check the pruned layer.
     seen = []
-    down = get_adapter(pruned).down_proj(get_adapter(pruned).mlps[1])
-    down.register_forward_hook(lambda module, args, output: seen.append(args[0]))
+    norm = pruned.model.layers[1].input_layernorm
+    norm.register_forward_hook(lambda module, args, output: seen.append(args[0]))
     calibration.prune_mlp_calibrated(pruned, get_adapter(pruned), 8, rows, "ACT", True, False)
-    calibrated_inputs = torch.cat([x.reshape(-1, x.shape[-1]) for x in seen])
+    calibrated_inputs = seen[0].reshape(-1, seen[0].shape[-1])
 
     # What layer 1 sees behind the pruned layer 0, and behind the dense one.
     behind_pruned = copy.deepcopy(dense)
     behind_pruned.model.layers[0] = pruned.model.layers[0]
-    expected = _down_inputs(behind_pruned, 1, rows)
+    expected = _layer_inputs(behind_pruned, 1, rows)
     torch.testing.assert_close(calibrated_inputs, expected, rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(calibrated_inputs, _down_inputs(dense, 1, rows), atol=1e-2)
+    assert not torch.allclose(calibrated_inputs, _layer_inputs(dense, 1, rows), atol=1e-2)
+    # Patched outputs (batch + two-row check) everywhere but Gemma 2, which re-runs the whole batch.
+    assert len(seen) == (3 if arch == "gemma2" else 2)
 
 
 def test_reconstruction_lowers_layer_output_error_on_the_same_kept_pairs():
