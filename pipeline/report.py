@@ -69,7 +69,19 @@ def summary_markdown(params: Params, rows: Dict[str, dict]) -> str:
         "ratios (×) relative to the base model.",
         "",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines) + benchmark_section()
+
+
+def benchmark_section() -> str:
+    """The method comparison of benchmarks/quality.py, as a section of the summary ('' without it)."""
+    if not layout.QUALITY_BENCHMARK.is_file():
+        return ""
+    text = layout.QUALITY_BENCHMARK.read_text(encoding="utf-8")
+    body = text.split("\n", 1)[1] if text.startswith("# ") else text
+    return (
+        f"\n## Pruning methods compared ({layout.QUALITY_BENCHMARK}, rerun with benchmarks/quality.py)\n"
+        + body.replace("\n## ", "\n### ")
+    )
 
 
 def _plots(rows: Dict[str, dict]) -> None:

@@ -76,7 +76,8 @@ def project(tmp_path_factory, tiny_model_dir):
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for folder in ("pipeline", "optipfair"):
         shutil.copytree(ROOT / folder, project / folder, ignore=ignore)
-    for file in ("dvc.yaml", ".dvcignore"):
+    for file in ("dvc.yaml", ".dvcignore", "benchmarks/results/quality.md"):
+        (project / file).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / file, project / file)
     (project / ".gitignore").write_text("mlflow.db\nmlruns/\nmlartifacts/\n__pycache__/\n")
     _write_params(project, {**PARAMS, "base": {"source": "local", "path": str(tiny_model_dir)}})
@@ -108,6 +109,8 @@ def test_repro_builds_evaluates_reports_and_tracks_everything(project):
         assert vow[key] > 0
     summary = (project / "reports/summary.md").read_text()
     assert all(f"| {name} |" in summary for name in ("base", "maw-25", "vow-50"))
+    # The method comparison of benchmarks/quality.py is quoted, table and all.
+    assert "## Pruning methods compared" in summary and "| 0.4.2 data-driven (MAW+act.) | 20 |" in summary
     assert (project / "reports/plots/speed_vs_parameters.png").read_bytes()[:4] == b"\x89PNG"
 
     shown = subprocess.run([str(BIN / "dvc"), "metrics", "show", "--json"], cwd=project, capture_output=True,
