@@ -173,6 +173,24 @@ def test_bad_method_width_and_damping_are_refused():
         calibration.prune_mlp_calibrated(model, adapter, 65, rows, "OBS", None, False)
     with pytest.raises(OptiPFairError, match="damping must be positive"):
         calibration.prune_mlp_calibrated(model, adapter, 32, rows, "OBS", None, False, damping=0)
+    with pytest.raises(OptiPFairError, match="shrinkage must be between 0 and 1"):
+        calibration.prune_mlp_calibrated(model, adapter, 32, rows, "OBS", None, False, shrinkage=1.5)
+
+
+def test_full_shrinkage_turns_obs_with_refit_into_act_without():
+    # With every correlation shrunk away, pairs are judged alone (ACT's score) and nothing is left
+    # for the refit to compensate with, so it is the plain slice.
+    rows = _calibration_rows()
+    obs, act = make_tiny_model("llama"), make_tiny_model("llama")
+    calibration.prune_mlp_calibrated(obs, get_adapter(obs), 40, rows, "OBS", True, False, shrinkage=1.0)
+    calibration.prune_mlp_calibrated(act, get_adapter(act), 40, rows, "ACT", False, False)
+    for obs_mlp, act_mlp in zip(get_adapter(obs).mlps, get_adapter(act).mlps):
+        torch.testing.assert_close(obs_mlp.down_proj.weight, act_mlp.down_proj.weight)
+        torch.testing.assert_close(obs_mlp.gate_proj.weight, act_mlp.gate_proj.weight)
+    # Without shrinkage the two differ: the test can tell them apart.
+    plain = make_tiny_model("llama")
+    calibration.prune_mlp_calibrated(plain, get_adapter(plain), 40, rows, "OBS", True, False, shrinkage=0.0)
+    assert not torch.allclose(get_adapter(plain).mlps[0].down_proj.weight, get_adapter(act).mlps[0].down_proj.weight)
 
 
 def test_calibrated_method_without_data_is_refused_by_prune_model():
