@@ -97,7 +97,8 @@ DATA_SOURCES = {
         "field": (False, "text"),
     },
 }
-CALIBRATION = {"num_tokens": (False, 4096), "seq_len": (False, 256)}
+# Absent fields take the CLI's defaults (optipfair prune --calibration-tokens/--calibration-seq-len).
+CALIBRATION = {"num_tokens": (False, 65536), "seq_len": (False, 512)}
 EVALUATE = {
     "num_tokens": (False, 8192),
     "seq_len": (False, 512),

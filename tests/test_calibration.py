@@ -95,7 +95,7 @@ def test_reconstruction_lowers_layer_output_error_on_the_same_kept_pairs():
     x = _down_inputs(dense, 0, rows).double()
     weight = get_adapter(dense).down_proj(get_adapter(dense).mlps[0]).weight.data
     gram = x.T @ x
-    keep = calibration.METHODS["ACT"](weight, gram, 24, calibration.DEFAULT_DAMPING)
+    keep, _ = calibration.METHODS["ACT"](weight, gram, 24, calibration.DEFAULT_DAMPING)
     target = x @ weight.double().T
 
     sliced_error = (x[:, keep] @ weight.double()[:, keep].T - target).norm()
@@ -134,8 +134,19 @@ def test_obs_keeps_the_pairs_that_carry_the_output():
     x = torch.randn(300, 12, generator=generator, dtype=torch.float64)
     x[:, :4] = 0
     weight = torch.randn(6, 12, generator=generator)
-    keep = calibration.METHODS["OBS"](weight, x.T @ x, 8, calibration.DEFAULT_DAMPING)
+    keep, refitted = calibration.METHODS["OBS"](weight, x.T @ x, 8, calibration.DEFAULT_DAMPING)
     assert keep.tolist() == list(range(4, 12))
+    # OBS's compensated columns are the ridge refit of the kept pairs (reused instead of recomputed).
+    torch.testing.assert_close(refitted.float(), calibration.refit_down(weight, x.T @ x, keep), rtol=1e-4, atol=1e-4)
+
+
+def test_obs_compensation_equals_the_refit_after_many_blocks():
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(2000, 300, generator=generator, dtype=torch.float64) @ torch.randn(300, 300, generator=generator, dtype=torch.float64)
+    weight = torch.randn(40, 300, generator=generator)
+    gram = x.T @ x
+    keep, refitted = calibration.METHODS["OBS"](weight, gram, 100, calibration.DEFAULT_DAMPING)  # 4 blocks of 64
+    torch.testing.assert_close(refitted.float(), calibration.refit_down(weight, gram, keep), rtol=1e-3, atol=1e-3)
 
 
 def test_works_on_layers_that_normalise_the_mlp_output():

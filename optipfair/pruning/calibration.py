@@ -133,7 +133,8 @@ def run_layer(layer: nn.Module, hidden: List[torch.Tensor], kwargs: dict) -> Lis
     return outputs
 
 
-# --- methods: (W [hidden, n], H [n, n] float64, keep_width, damping) -> kept indices -----------------
+# --- methods: (W [hidden, n], H [n, n] float64, keep_width, damping) -> (kept indices, refit or None) --
+# A method that already knows the refitted kept columns (OBS) returns them; otherwise refit_down does.
 
 
 def _select_act(weight: torch.Tensor, gram: torch.Tensor, keep_width: int, damping: float) -> torch.Tensor:
@@ -142,7 +143,7 @@ def _select_act(weight: torch.Tensor, gram: torch.Tensor, keep_width: int, dampi
     Structured Wanda: the activation norm comes from calibration text, the column norm from the weights.
     """
     score = gram.diagonal().clamp_min(0).sqrt() * weight.double().norm(dim=0)
-    return select_kept_pairs(score, keep_width)
+    return select_kept_pairs(score, keep_width), None
 
 
 def _select_obs(weight: torch.Tensor, gram: torch.Tensor, keep_width: int, damping: float) -> torch.Tensor:
@@ -167,7 +168,9 @@ def _select_obs(weight: torch.Tensor, gram: torch.Tensor, keep_width: int, dampi
         hinv -= hinv[:, block] @ inv_ss @ hinv[block]
         alive[block] = False
         to_remove -= len(block)
-    return alive.nonzero().squeeze(1)
+    keep = alive.nonzero().squeeze(1)
+    # The compensated columns are exactly refit_down's ridge solution for these pairs.
+    return keep, w[:, keep]
 
 
 METHODS: Dict[str, Callable] = {"ACT": _select_act, "OBS": _select_obs}
@@ -282,8 +285,11 @@ def prune_mlp_calibrated(
         finally:
             adapter.replace_down_proj(mlp, down)
         gram = shrink_correlations(recorder.full_gram(), shrinkage)
-        keep = select(down.weight.data.float(), gram, keep_width, damping)
-        down_weight = refit_down(down.weight.data, gram, keep, damping) if reconstruct else None
+        keep, refitted = select(down.weight.data.float(), gram, keep_width, damping)
+        down_weight = None
+        if reconstruct:
+            down_weight = refit_down(down.weight.data, gram, keep, damping) if refitted is None else refitted
+            down_weight = down_weight.to(down.weight.dtype)
         shrink_mlp(adapter, mlp, keep, down_weight)
         hidden = _pruned_outputs(layer, adapter.down_proj(mlp), hidden, outputs, recorder.inputs, keep, layer_kwargs[index])
     return model
