@@ -111,12 +111,22 @@ def save_model(model, tokenizer, output_path: str) -> Path:
     try:
         model.save_pretrained(staging, safe_serialization=True)
         if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
+            save_tokenizer(tokenizer, staging)
         replace_directory(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def save_tokenizer(tokenizer, directory: Path) -> None:
+    """Save `tokenizer` without the loading options transformers records in tokenizer_config.json.
+
+    `local_files_only` follows HF_HUB_OFFLINE at load time: left in, the same model saved on two
+    machines would differ, and DVC would see a changed output.
+    """
+    tokenizer.init_kwargs.pop("local_files_only", None)
+    tokenizer.save_pretrained(directory)
 
 
 def replace_directory(staging: Path, target: Path) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 from optipfair.errors import OptiPFairError
-from optipfair.io import replace_directory
+from optipfair.io import replace_directory, save_tokenizer
 from pipeline import layout
 from pipeline.params import BASE_NAME, Params
 
@@ -118,7 +118,7 @@ def _save_dequantized(gguf: Path, staging: Path) -> None:
     model.generation_config = loaded.generation_config
     del loaded
     model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
+    save_tokenizer(tokenizer, staging)
 
 
 def _from_hub(base: Dict[str, Any], staging: Path) -> Dict[str, Any]:

@@ -8,6 +8,8 @@ from conftest import make_tiny_model
 
 
 class ExplodingTokenizer:
+    init_kwargs: dict = {}
+
     def save_pretrained(self, path):
         raise RuntimeError("disk full")
 
@@ -60,3 +62,17 @@ def test_pickled_weights_are_never_loaded(tmp_path):
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
     with pytest.raises(OptiPFairError, match="could not load"):
         load_model(str(tmp_path))
+
+
+def test_saved_tokenizer_does_not_depend_on_offline_mode(tmp_path, tiny_tokenizer):
+    # HF_HUB_OFFLINE=1 makes transformers record local_files_only=true; saved on a machine without
+    # it, the same model would differ by that line and DVC would see a changed output.
+    from transformers import AutoTokenizer
+
+    save_model(make_tiny_model("llama"), tiny_tokenizer, str(tmp_path / "a"))
+    configs = []
+    for offline in (True, False):
+        tokenizer = AutoTokenizer.from_pretrained(tmp_path / "a", local_files_only=offline)
+        save_model(make_tiny_model("llama"), tokenizer, str(tmp_path / f"b{offline}"))
+        configs.append((tmp_path / f"b{offline}" / "tokenizer_config.json").read_text())
+    assert configs[0] == configs[1] and "local_files_only" not in configs[0]
