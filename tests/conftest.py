@@ -55,9 +55,8 @@ def make_tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
     # Random init gives near-zero logits; larger weights make logit comparisons meaningful.
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if parameter.dim() >= 2:
-                parameter.normal_(0, 0.2)
-            elif name.endswith(".bias"):  # zero by default, which would hide a dropped bias
+            # Biases too: zero by default, which would hide a dropped bias.
+            if parameter.dim() >= 2 or name.endswith(".bias"):
                 parameter.normal_(0, 0.2)
     return model.eval()
 

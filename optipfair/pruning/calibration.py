@@ -137,7 +137,7 @@ def run_layer(layer: nn.Module, hidden: List[torch.Tensor], kwargs: dict) -> Lis
 # A method that already knows the refitted kept columns (OBS) returns them; otherwise refit_down does.
 
 
-def _select_act(weight: torch.Tensor, gram: torch.Tensor, keep_width: int, damping: float) -> torch.Tensor:
+def _select_act(weight: torch.Tensor, gram: torch.Tensor, keep_width: int, damping: float) -> Tuple[torch.Tensor, None]:
     """ACT: ||x_i|| * ||W[:, i]||, the size of each pair's contribution to the layer output.
 
     Structured Wanda: the activation norm comes from calibration text, the column norm from the weights.
@@ -146,7 +146,7 @@ def _select_act(weight: torch.Tensor, gram: torch.Tensor, keep_width: int, dampi
     return select_kept_pairs(score, keep_width), None
 
 
-def _select_obs(weight: torch.Tensor, gram: torch.Tensor, keep_width: int, damping: float) -> torch.Tensor:
+def _select_obs(weight: torch.Tensor, gram: torch.Tensor, keep_width: int, damping: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """OBS: greedy backward elimination by the structured Optimal Brain Surgeon criterion (ZipLM, SlimGPT).
 
     Removing pair j and optimally compensating with the others raises the squared output error
@@ -286,11 +286,9 @@ def prune_mlp_calibrated(
             adapter.replace_down_proj(mlp, down)
         gram = shrink_correlations(recorder.full_gram(), shrinkage)
         keep, refitted = select(down.weight.data.float(), gram, keep_width, damping)
-        down_weight = None
-        if reconstruct:
-            down_weight = refit_down(down.weight.data, gram, keep, damping) if refitted is None else refitted
-            down_weight = down_weight.to(down.weight.dtype)
-        shrink_mlp(adapter, mlp, keep, down_weight)
+        if reconstruct and refitted is None:
+            refitted = refit_down(down.weight.data, gram, keep, damping)
+        shrink_mlp(adapter, mlp, keep, refitted if reconstruct else None)
         hidden = _pruned_outputs(layer, adapter.down_proj(mlp), hidden, outputs, recorder.inputs, keep, layer_kwargs[index])
     return model
 
@@ -314,16 +312,18 @@ def _pruned_outputs(layer, new_down, hidden, outputs, inputs, keep, kwargs) -> L
     normalise the MLP output first (Gemma 2/3) fail the check and are re-run.
     """
     keep = keep.to(inputs[0].device)
-    rerun = run_layer(layer, [hidden[0][:2]], kwargs)[0]
-    patched = []
-    for out, x in zip(outputs, inputs):
-        out = out.contiguous()
+
+    def patch(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         # In place: `out` is this function's to change, and a second [tokens, hidden] copy is avoided.
+        out = out.contiguous()
         flat = out.view(-1, out.shape[-1])
         flat.addmm_(x.reshape(-1, x.shape[-1]).index_select(1, keep), new_down.weight.T)
         if new_down.bias is not None:
             flat.add_(new_down.bias)
-        patched.append(out)
-        if len(patched) == 1 and not torch.allclose(patched[0][:2], rerun, rtol=1e-4, atol=1e-5 * rerun.abs().max().item()):
-            return run_layer(layer, hidden, kwargs)
-    return patched
+        return out
+
+    first = patch(outputs[0], inputs[0])
+    rerun = run_layer(layer, [hidden[0][:2]], kwargs)[0]
+    if not torch.allclose(first[:2], rerun, rtol=1e-4, atol=1e-5 * rerun.abs().max().item()):
+        return run_layer(layer, hidden, kwargs)
+    return [first, *(patch(out, x) for out, x in zip(outputs[1:], inputs[1:]))]
