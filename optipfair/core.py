@@ -26,6 +26,7 @@ def prune_model(
     calibration_data=None,
     round_to: Optional[int] = None,
     reconstruct: Optional[bool] = None,
+    shrinkage: Optional[float] = None,
     num_layers_to_remove: Optional[int] = None,
 ) -> Union[nn.Module, Tuple[nn.Module, Dict[str, Any]]]:
     """
@@ -43,6 +44,9 @@ def prune_model(
         calibration_data: Token ids [samples, seq_len] of calibration text (calibrated methods, DEPTH)
         round_to: Round the kept MLP width to a multiple of this (e.g. 128)
         reconstruct: Refit down_proj on calibration activations (calibrated methods; on by default)
+        shrinkage: 0-1, how far activation correlations are shrunk toward zero before selection and
+            refit (calibrated methods; default 0.1). Higher keeps more quality on text unlike the
+            calibration text, lower fits the calibration text's domain more closely
         num_layers_to_remove: Number of decoder layers to remove (DEPTH only)
 
     Returns:
@@ -67,6 +71,7 @@ def prune_model(
             round_to=round_to,
             calibration_data=calibration_data,
             reconstruct=reconstruct,
+            shrinkage=shrinkage,
         )
     else:
         from optipfair.pruning import depth

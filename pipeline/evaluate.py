@@ -1,7 +1,8 @@
 """evaluate stage: measure one model (base or a variant) and write reports/metrics/<name>.json.
 
-Quality is perplexity on fixed windows of the evaluation text (the same windows for every model);
-speed is prompt processing (one forward pass over a window) and greedy generation. A variant's
+Quality is perplexity on fixed windows of the evaluation text (the same windows for every model),
+and on a text of another kind (`evaluate.out_of_domain_file`, legal English by default): a
+calibrated model can fit its calibration domain and lose more elsewhere. Speed is prompt processing (one forward pass over a window) and greedy generation. A variant's
 metrics also carry each figure as a ratio to the base model's, read from reports/metrics/base.json.
 """
 
@@ -18,11 +19,12 @@ from optipfair.evaluation.perplexity import perplexity
 from optipfair.io import load_model
 from pipeline import layout
 from pipeline.params import BASE_NAME, Params
-from pipeline.texts import load_texts
+from pipeline.texts import load_out_of_domain_text, load_texts
 
 # metric -> its ratio's name in a variant's metrics (variant value / base value).
 RATIOS = {
     "perplexity": "perplexity_ratio",
+    "perplexity_out_of_domain": "perplexity_out_of_domain_ratio",
     "parameters": "parameters_ratio",
     "size_mb": "size_ratio",
     "prefill_tokens_per_s": "prefill_speedup",
@@ -41,6 +43,8 @@ def run(params: Params, name: str) -> Dict[str, float]:
         raise OptiPFairError(f"{layout.model_dir(name)} has no tokenizer; rebuild it with `dvc repro`")
     _, evaluation_text = load_texts(params.data)
     windows = token_windows(tokenizer, evaluation_text, settings["num_tokens"], settings["seq_len"])
+    other_windows = token_windows(tokenizer, load_out_of_domain_text(settings), settings["num_tokens"],
+                                  settings["seq_len"])
     shape = analyze_model(model)
     prefill = time_prefill(model, windows[:1], num_runs=settings["num_runs"], warmup_runs=settings["warmup_runs"])
     generation = time_inference(
@@ -54,6 +58,8 @@ def run(params: Params, name: str) -> Dict[str, float]:
     metrics = {
         "perplexity": round(perplexity(model, windows), 4),
         "eval_tokens": int(windows.numel()),
+        "perplexity_out_of_domain": round(perplexity(model, other_windows), 4),
+        "out_of_domain_eval_tokens": int(other_windows.numel()),
         "parameters": shape["parameters"]["total"],
         "size_mb": round(_size_on_disk(layout.model_dir(name)) / 2**20, 2),
         "num_layers": shape["num_layers"],

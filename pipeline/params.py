@@ -15,6 +15,7 @@ from typing import Any, Dict, Optional
 import yaml
 
 from optipfair.errors import OptiPFairError
+from optipfair.pruning.calibration import check_shrinkage
 from optipfair.pruning.mlp_glu import known_methods, needs_calibration
 
 BASE_NAME = "base"
@@ -37,6 +38,7 @@ class Variant:
     expansion_rate: Optional[float] = None
     round_to: Optional[int] = None
     reconstruct: Optional[bool] = None
+    shrinkage: Optional[float] = None
     num_layers_to_remove: Optional[int] = None
 
     @property
@@ -106,6 +108,8 @@ EVALUATE = {
     "max_new_tokens": (False, 32),
     "num_runs": (False, 3),
     "warmup_runs": (False, 1),
+    # A text of another kind than the calibration text; None: the legal English shipped with the pipeline.
+    "out_of_domain_file": (False, None),
 }
 TRACKING = {"experiment": (False, "optipfair")}
 VARIANT_FIELDS = {f for f in Variant.__dataclass_fields__ if f != "name"}
@@ -159,6 +163,10 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     for field in ("max_new_tokens", "num_runs"):
         _positive_int(evaluate[field], f"evaluate.{field}", where)
     _positive_int(evaluate["warmup_runs"], "evaluate.warmup_runs", where, allow_zero=True)
+    other = evaluate["out_of_domain_file"]
+    if other is not None and not Path(other).expanduser().is_file():
+        raise _fail(where, "evaluate.out_of_domain_file", f"{evaluate['out_of_domain_file']} is not a file; "
+                    "give the path of a UTF-8 text file")
     variants = _variants(raw.get("variants"), where)
     return Params(path, base, data, calibration, evaluate, tracking, variants)
 
@@ -295,4 +303,9 @@ def _check_variant(v: Variant, prefix: str, methods: tuple, where: str) -> Varia
         _positive_int(v.round_to, f"{prefix}.round_to", where)
     if v.reconstruct is not None and not isinstance(v.reconstruct, bool):
         raise _fail(where, f"{prefix}.reconstruct", f"must be true or false, got {v.reconstruct!r}")
+    if v.shrinkage is not None:
+        try:
+            check_shrinkage(v.shrinkage)
+        except OptiPFairError:
+            raise _fail(where, f"{prefix}.shrinkage", f"must be a number between 0 and 1, got {v.shrinkage!r}") from None
     return Variant(**{**asdict(v), "pruning_type": kind, "method": method})

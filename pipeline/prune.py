@@ -35,6 +35,7 @@ def run(params: Params, name: str) -> dict:
         calibration_data=calibration,
         round_to=variant.round_to,
         reconstruct=variant.reconstruct,
+        shrinkage=variant.shrinkage,
         num_layers_to_remove=variant.num_layers_to_remove,
     )
     stats["pruning_seconds"] = round(time.perf_counter() - started, 2)

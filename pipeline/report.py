@@ -41,7 +41,9 @@ def _setting(params: Params, name: str) -> str:
     if v.pruning_type == "DEPTH":
         return f"DEPTH −{v.num_layers_to_remove} layers"
     amount = f"{v.pruning_percentage:g}%" if v.pruning_percentage is not None else f"rate {v.expansion_rate:g}%"
-    return f"{v.method} {amount}" + (f", round_to {v.round_to}" if v.round_to else "")
+    extras = [f"round_to {v.round_to}" if v.round_to else "", "no refit" if v.reconstruct is False else "",
+              f"shrinkage {v.shrinkage:g}" if v.shrinkage is not None else ""]
+    return ", ".join([f"{v.method} {amount}", *filter(None, extras)])
 
 
 def summary_markdown(params: Params, rows: Dict[str, dict]) -> str:
@@ -50,8 +52,8 @@ def summary_markdown(params: Params, rows: Dict[str, dict]) -> str:
         "# Pruning summary",
         "",
         "| model | pruning | parameters (M) | reduction | MLP width | expansion | size (MB) "
-        "| perplexity | prefill tok/s | generation tok/s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| perplexity | out-of-domain perplexity | prefill tok/s | generation tok/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, m in rows.items():
         ratio = (lambda key: "") if name == BASE_NAME else (lambda key: f" (×{m[key]:.2f})")
@@ -59,14 +61,17 @@ def summary_markdown(params: Params, rows: Dict[str, dict]) -> str:
             f"| {name} | {_setting(params, name)} | {m['parameters'] / 1e6:.1f} | {m['parameter_reduction_pct']:.1f}% "
             f"| {m['mlp_intermediate_size']} | {m['expansion_rate']:.0f}% | {m['size_mb']:.0f} "
             f"| {m['perplexity']:.2f}{ratio('perplexity_ratio')} "
+            f"| {m['perplexity_out_of_domain']:.2f}{ratio('perplexity_out_of_domain_ratio')} "
             f"| {m['prefill_tokens_per_s']:.0f}{ratio('prefill_speedup')} "
             f"| {m['generation_tokens_per_s']:.1f}{ratio('generation_speedup')} |"
         )
     base = rows[BASE_NAME]
     lines += [
         "",
-        f"Perplexity on {base['eval_tokens']} tokens of evaluation text; speeds on this machine's CPU, "
-        "ratios (×) relative to the base model.",
+        f"Perplexity on {base['eval_tokens']} tokens of evaluation text, and on {base['out_of_domain_eval_tokens']} "
+        f"tokens of {params.evaluate['out_of_domain_file'] or 'license texts (pipeline/out_of_domain.txt)'} (text unlike "
+        "the calibration text); speeds on this "
+        "machine's CPU; ratios (×) relative to the base model.",
         "",
     ]
     return "\n".join(lines) + benchmark_section()

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Dict, Tuple
 
 from optipfair import data as texts
+
+# GPL-3, Apache-2.0 and MPL-2.0, verbatim: legal English, nothing like the Python docs, on every machine.
+DEFAULT_OUT_OF_DOMAIN = Path(__file__).with_name("out_of_domain.txt")
 
 
 def load_texts(data: Dict[str, Any]) -> Tuple[str, str]:
@@ -23,6 +27,11 @@ def load_texts(data: Dict[str, Any]) -> Tuple[str, str]:
         texts.text_from_dataset(data["dataset"], data["config"], data["calibration_split"], data["field"]),
         texts.text_from_dataset(data["dataset"], data["config"], data["evaluation_split"], data["field"]),
     )
+
+
+def load_out_of_domain_text(evaluate: Dict[str, Any]) -> str:
+    """The second evaluation text: `evaluate.out_of_domain_file`, else the legal English shipped here."""
+    return texts.text_from_file(evaluate["out_of_domain_file"] or str(DEFAULT_OUT_OF_DOMAIN))
 
 
 def split_text(text: str, evaluation_share: float) -> Tuple[str, str]:

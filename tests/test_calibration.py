@@ -184,8 +184,18 @@ def test_bad_method_width_and_damping_are_refused():
         calibration.prune_mlp_calibrated(model, adapter, 65, rows, "OBS", None, False)
     with pytest.raises(OptiPFairError, match="damping must be positive"):
         calibration.prune_mlp_calibrated(model, adapter, 32, rows, "OBS", None, False, damping=0)
-    with pytest.raises(OptiPFairError, match="shrinkage must be between 0 and 1"):
+    with pytest.raises(OptiPFairError, match="shrinkage must be a number between 0 and 1"):
         calibration.prune_mlp_calibrated(model, adapter, 32, rows, "OBS", None, False, shrinkage=1.5)
+
+
+@pytest.mark.parametrize("shrinkage", [-0.1, 1.5, "0.5", True])
+def test_prune_model_refuses_a_bad_shrinkage_before_touching_the_model(shrinkage):
+    model = make_tiny_model("llama")
+    before = get_adapter(model).mlps[0].down_proj.weight.clone()
+    with pytest.raises(OptiPFairError, match="shrinkage must be a number between 0 and 1"):
+        prune_model(model, neuron_selection_method="AUTO", pruning_percentage=25, calibration_data=_calibration_rows(),
+                    shrinkage=shrinkage, show_progress=False)
+    assert torch.equal(get_adapter(model).mlps[0].down_proj.weight, before)
 
 
 def test_full_shrinkage_turns_obs_with_refit_into_act_without():
@@ -193,7 +203,9 @@ def test_full_shrinkage_turns_obs_with_refit_into_act_without():
     # for the refit to compensate with, so it is the plain slice.
     rows = _calibration_rows()
     obs, act = make_tiny_model("llama"), make_tiny_model("llama")
-    calibration.prune_mlp_calibrated(obs, get_adapter(obs), 40, rows, "OBS", True, False, shrinkage=1.0)
+    # Through prune_model, so the keyword is seen to reach the calibrated core (37.5 % of 64 -> 40 kept).
+    prune_model(obs, neuron_selection_method="OBS", pruning_percentage=37.5, calibration_data=rows, shrinkage=1.0,
+                show_progress=False)
     calibration.prune_mlp_calibrated(act, get_adapter(act), 40, rows, "ACT", False, False)
     for obs_mlp, act_mlp in zip(get_adapter(obs).mlps, get_adapter(act).mlps):
         torch.testing.assert_close(obs_mlp.down_proj.weight, act_mlp.down_proj.weight)

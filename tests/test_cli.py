@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -69,6 +70,7 @@ BAD = {
     "both percentage and rate": (["--pruning-percentage", "10", "--expansion-rate", "200"], "mutually exclusive"),
     "rate that grows the model": (["--expansion-rate", "500"], "would not shrink"),
     "unknown method": (["--method", "RANDOM"], "unknown method"),
+    "shrinkage above 1": (["--method", "AUTO", "--shrinkage", "1.5"], "shrinkage must be a number between 0 and 1"),
     "unknown pruning type": (["--pruning-type", "HEADS"], "HEADS"),
 }
 
@@ -133,6 +135,17 @@ def test_prune_auto_calibrates_on_default_text(tiny_model_dir, tmp_path):
                     "--pruning-percentage", 25, *CALIBRATION, "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["pruned_intermediate_size"] == 96
+
+
+def test_shrinkage_flag_reaches_the_calibrated_core(tiny_model_dir, tmp_path):
+    # Full shrinkage turns OBS + refit into ACT without refit (tests/test_calibration.py): same saved weights.
+    from safetensors.torch import load_file
+
+    common = ["--model-path", tiny_model_dir, "--pruning-percentage", 25, *CALIBRATION, "--quiet"]
+    assert invoke("prune", *common, "--output-path", tmp_path / "obs", "--method", "OBS", "--shrinkage", 1).exit_code == 0
+    assert invoke("prune", *common, "--output-path", tmp_path / "act", "--method", "ACT", "--no-reconstruct").exit_code == 0
+    obs, act = load_file(tmp_path / "obs" / "model.safetensors"), load_file(tmp_path / "act" / "model.safetensors")
+    assert obs.keys() == act.keys() and all(torch.equal(obs[k], act[k]) for k in obs)
 
 
 def test_prune_depth_removes_layers(tiny_model_dir, tmp_path):

@@ -107,8 +107,14 @@ def test_repro_builds_evaluates_reports_and_tracks_everything(project):
     assert vow["parameters_ratio"] == pytest.approx(vow["parameters"] / base["parameters"], abs=1e-4)
     for key in ("perplexity", "size_mb", "prefill_tokens_per_s", "generation_tokens_per_s", "generation_speedup"):
         assert vow[key] > 0
+    # The second, out-of-domain text is measured on the same windows for every model, with its ratio.
+    assert base["out_of_domain_eval_tokens"] == vow["out_of_domain_eval_tokens"] == 256
+    assert base["perplexity_out_of_domain"] != base["perplexity"]
+    assert vow["perplexity_out_of_domain_ratio"] == pytest.approx(
+        vow["perplexity_out_of_domain"] / base["perplexity_out_of_domain"], abs=1e-3)
     summary = (project / "reports/summary.md").read_text()
     assert all(f"| {name} |" in summary for name in ("base", "maw-25", "vow-50"))
+    assert "| out-of-domain perplexity |" in summary and f"| {vow['perplexity_out_of_domain']:.2f} (×" in summary
     # The method comparison of benchmarks/quality.py is quoted, table and all.
     assert "## Pruning methods compared" in summary and "| 0.4.2 data-driven (MAW+act.) | 20 |" in summary
     assert (project / "reports/plots/speed_vs_parameters.png").read_bytes()[:4] == b"\x89PNG"
@@ -121,6 +127,7 @@ def test_repro_builds_evaluates_reports_and_tracks_everything(project):
     assert set(runs) == {"base:-", "maw-25:25", "vow-50:50"}
     vow_run = runs["vow-50:50"]
     assert vow_run.data.metrics["perplexity"] == pytest.approx(vow["perplexity"])
+    assert vow_run.data.metrics["perplexity_out_of_domain"] == pytest.approx(vow["perplexity_out_of_domain"])
     assert vow_run.data.params["variant.method"] == "VOW" and vow_run.data.params["base.source"] == "local"
     assert len(vow_run.data.params["base.revision"]) == 64
     assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", vow_run.data.tags["git_commit"])
@@ -147,7 +154,7 @@ def test_editing_one_variant_reruns_only_that_variant(project):
 def test_added_variant_survives_a_broken_mlflow_store_and_is_logged_later(project, tmp_path):
     params = yaml.safe_load((project / "params.yaml").read_text())
     # A calibrated variant, so the calibration text path of the prune stage runs too.
-    params["variants"]["auto-30"] = {"method": "AUTO", "pruning_percentage": 30, "round_to": 8}
+    params["variants"]["auto-30"] = {"method": "AUTO", "pruning_percentage": 30, "round_to": 8, "shrinkage": 0.3}
     _write_params(project, params)
 
     # A store that cannot be opened (its folder is a file): only tracking may fail.
@@ -157,7 +164,7 @@ def test_added_variant_survives_a_broken_mlflow_store_and_is_logged_later(projec
     assert ran == VARIANT_STAGES("auto-30")
     assert "MLflow tracking" in done.stderr and "Traceback" not in done.stderr
     assert json.loads((project / "reports/metrics/auto-30.json").read_text())["perplexity"] > 0
-    assert "| auto-30 |" in (project / "reports/summary.md").read_text()
+    assert "| auto-30 | AUTO 30%, round_to 8, shrinkage 0.3 |" in (project / "reports/summary.md").read_text()
 
     ran, done = _repro(project)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -174,6 +181,8 @@ BAD_PARAMS = [
     ("base.revision", lambda p: p.update(base={"source": "hf", "repo_id": "org/model", "revision": "main"})),
     ("base.source", lambda p: p["base"].update(source="ftp")),
     ("evaluate.num_runs", lambda p: p["evaluate"].update(num_runs=0)),
+    ("evaluate.out_of_domain_file", lambda p: p["evaluate"].update(out_of_domain_file="/no/such/text.txt")),
+    ("variants.maw-25.shrinkage", lambda p: p["variants"]["maw-25"].update(shrinkage=1.5)),
 ]
 
 

@@ -266,8 +266,7 @@ def prune_mlp_calibrated(
         raise OptiPFairError(f"unknown calibrated method {method!r}: choose one of {', '.join(METHODS)}")
     if not damping > 0:
         raise OptiPFairError(f"damping must be positive, got {damping}")
-    if not 0 <= shrinkage <= 1:
-        raise OptiPFairError(f"shrinkage must be between 0 and 1, got {shrinkage}")
+    check_shrinkage(shrinkage)
     width = adapter.width(adapter.mlps[0])
     if not 0 < keep_width <= width:
         raise OptiPFairError(f"keep_width must be between 1 and {width}, got {keep_width}")
@@ -291,6 +290,13 @@ def prune_mlp_calibrated(
         shrink_mlp(adapter, mlp, keep, refitted if reconstruct else None)
         hidden = _pruned_outputs(layer, adapter.down_proj(mlp), hidden, outputs, recorder.inputs, keep, layer_kwargs[index])
     return model
+
+
+def check_shrinkage(shrinkage) -> float:
+    """`shrinkage` as a float in [0, 1]; raises OptiPFairError otherwise."""
+    if isinstance(shrinkage, bool) or not isinstance(shrinkage, (int, float)) or not 0 <= shrinkage <= 1:
+        raise OptiPFairError(f"shrinkage must be a number between 0 and 1, got {shrinkage!r}")
+    return float(shrinkage)
 
 
 def shrink_correlations(gram: torch.Tensor, shrinkage: float) -> torch.Tensor:

@@ -207,6 +207,7 @@ def prune_model_mlp_glu(
     round_to: Optional[int] = None,
     calibration_data=None,
     reconstruct: Optional[bool] = None,
+    shrinkage: Optional[float] = None,
 ) -> nn.Module:
     """
     Prune the MLP layers in a model with GLU architecture.
@@ -221,6 +222,7 @@ def prune_model_mlp_glu(
         round_to: Round the kept width to a multiple of this (e.g. 128) for fast GPU kernels
         calibration_data: Token ids [samples, seq_len] for calibrated methods
         reconstruct: Refit down_proj on calibration activations (calibrated methods; default on)
+        shrinkage: Correlation shrinkage of calibrated selection and refit, 0-1 (default 0.1)
 
     Returns:
         model: Pruned model
@@ -229,6 +231,7 @@ def prune_model_mlp_glu(
 
     adapter = get_adapter(model)
     method = resolve_method(neuron_selection_method, calibration_data)
+    shrinkage = calibration.DEFAULT_SHRINKAGE if shrinkage is None else calibration.check_shrinkage(shrinkage)
     widths = {adapter.width(mlp) for mlp in adapter.mlps}
     if len(widths) != 1:
         raise OptiPFairError(f"layers have different MLP widths {sorted(widths)}; only uniform models are supported")
@@ -244,7 +247,7 @@ def prune_model_mlp_glu(
                 shrink_mlp(adapter, mlp, keep)
         else:
             calibration.prune_mlp_calibrated(
-                model, adapter, width, calibration_data, method, reconstruct, show_progress
+                model, adapter, width, calibration_data, method, reconstruct, show_progress, shrinkage=shrinkage
             )
     adapter.config.intermediate_size = width
     return model
