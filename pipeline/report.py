@@ -66,12 +66,12 @@ def summary_markdown(params: Params, rows: Dict[str, dict]) -> str:
             f"| {m['generation_tokens_per_s']:.1f}{ratio('generation_speedup')} |"
         )
     base = rows[BASE_NAME]
+    other_text = params.evaluate["out_of_domain_file"] or "license texts (pipeline/out_of_domain.txt)"
     lines += [
         "",
-        f"Perplexity on {base['eval_tokens']} tokens of evaluation text, and on {base['out_of_domain_eval_tokens']} "
-        f"tokens of {params.evaluate['out_of_domain_file'] or 'license texts (pipeline/out_of_domain.txt)'} (text unlike "
-        "the calibration text); speeds on this "
-        "machine's CPU; ratios (×) relative to the base model.",
+        f"Perplexity on {base['eval_tokens']} tokens of evaluation text and on {base['out_of_domain_eval_tokens']} "
+        f"tokens of {other_text}, a text unlike the calibration text; speeds on this machine's CPU; "
+        "ratios (×) relative to the base model.",
         "",
     ]
     return "\n".join(lines) + benchmark_section()
