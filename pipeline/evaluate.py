@@ -2,8 +2,9 @@
 
 Quality is perplexity on fixed windows of the evaluation text (the same windows for every model),
 and on a text of another kind (`evaluate.out_of_domain_file`, legal English by default): a
-calibrated model can fit its calibration domain and lose more elsewhere. Speed is prompt processing (one forward pass over a window) and greedy generation. A variant's
-metrics also carry each figure as a ratio to the base model's, read from reports/metrics/base.json.
+calibrated model can fit its calibration domain and lose more elsewhere. Speed is prompt
+processing (one forward pass over a window) and greedy generation. A variant's metrics also carry
+each figure as a ratio to the base model's, read from reports/metrics/base.json.
 """
 
 from __future__ import annotations
