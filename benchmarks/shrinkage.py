@@ -1,0 +1,88 @@
+"""What does the `shrinkage` knob trade? AUTO (OBS + refit) at several shrinkages, in and out of domain.
+
+Same model, calibration windows and evaluation windows as benchmarks/quality.py (so its default
+rows, shrinkage 0.1, reproduce that table's OBS rows), pruned in this process one setting at a time:
+
+    python benchmarks/shrinkage.py                          # 10/20/40 % x shrinkage 0/0.1/0.3/0.6: ~30 min
+    python benchmarks/shrinkage.py --percentages 20 --shrinkages 0 0.1
+
+Writes benchmarks/results/shrinkage.md and shrinkage.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quality  # noqa: E402  (the sibling benchmark: same texts and windows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="/work/cache/smollm2-135m", help="local model directory")
+    parser.add_argument("--percentages", type=float, nargs="+", default=[10, 20, 40])
+    parser.add_argument("--shrinkages", type=float, nargs="+", default=[0, 0.1, 0.3, 0.6])
+    parser.add_argument("--calibration-tokens", type=int, default=65536)
+    parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from optipfair import prune_model
+    from optipfair.data import default_texts, token_windows
+    from optipfair.evaluation.perplexity import perplexity
+
+    torch.set_num_threads(args.threads)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    calibration_text, evaluation_text = default_texts()
+    calibration = token_windows(tokenizer, calibration_text, args.calibration_tokens, 512)
+    windows = {
+        "in_domain": token_windows(tokenizer, evaluation_text, args.eval_tokens, 512),
+        "out_of_domain": token_windows(tokenizer, quality.out_of_domain_text(), args.eval_tokens, 512),
+    }
+    dense = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    base = {name: perplexity(dense, w) for name, w in windows.items()}
+    rows = []
+    for percentage in args.percentages:
+        for shrinkage in args.shrinkages:
+            model = prune_model(copy.deepcopy(dense), neuron_selection_method="AUTO", pruning_percentage=percentage,
+                                calibration_data=calibration, shrinkage=shrinkage, show_progress=False)
+            row = {"percentage": percentage, "shrinkage": shrinkage,
+                   **{name: perplexity(model, w) for name, w in windows.items()}}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del model
+
+    lines = [
+        "# AUTO (OBS + refit) by shrinkage: SmolLM2-135M-Instruct",
+        "",
+        f"Same setup as quality.md: {calibration.numel()} calibration tokens of Python's docs; perplexity on "
+        f"{windows['in_domain'].numel()} held-out doc tokens (in domain, base {base['in_domain']:.3f}) and "
+        f"{windows['out_of_domain'].numel()} tokens of license texts (out of domain, base {base['out_of_domain']:.3f}).",
+        "",
+        "| pruned % | shrinkage | in-domain ppl | ratio | out-of-domain ppl | ratio |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        default = " (default)" if r["shrinkage"] == 0.1 else ""
+        lines.append(
+            f"| {r['percentage']:g} | {r['shrinkage']:g}{default} | {r['in_domain']:.3f} "
+            f"| {r['in_domain'] / base['in_domain']:.3f} | {r['out_of_domain']:.3f} "
+            f"| {r['out_of_domain'] / base['out_of_domain']:.3f} |"
+        )
+    lines += ["", f"Reproduce: `{' '.join(['python benchmarks/shrinkage.py', *sys.argv[1:]])}`", ""]
+    quality.RESULTS.mkdir(parents=True, exist_ok=True)
+    (quality.RESULTS / "shrinkage.json").write_text(json.dumps({"base": base, "rows": rows}, indent=2))
+    (quality.RESULTS / "shrinkage.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
