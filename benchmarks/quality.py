@@ -53,6 +53,19 @@ def out_of_domain_text() -> str:
     return "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in files)
 
 
+def benchmark_windows(tokenizer, calibration_tokens: int, eval_tokens: int, seq_len: int, ood_file=None):
+    """(calibration windows, {"in_domain": ..., "out_of_domain": ...}): the token windows every benchmark row uses."""
+    from optipfair.data import default_texts, text_from_file, token_windows
+
+    calibration_text, evaluation_text = default_texts()
+    ood_text = text_from_file(ood_file) if ood_file else out_of_domain_text()
+    windows = {
+        "in_domain": token_windows(tokenizer, evaluation_text, eval_tokens, seq_len),
+        "out_of_domain": token_windows(tokenizer, ood_text, eval_tokens, seq_len),
+    }
+    return token_windows(tokenizer, calibration_text, calibration_tokens, seq_len), windows
+
+
 def _peak_rss_mib() -> float:
     # VmHWM, not getrusage: ru_maxrss survives exec, so a child would report its parent's peak.
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -178,17 +191,10 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from optipfair.data import default_texts, text_from_file, token_windows
-
     torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    calibration_text, evaluation_text = default_texts()
-    ood_text = text_from_file(args.ood_file) if args.ood_file else out_of_domain_text()
-    calibration = token_windows(tokenizer, calibration_text, args.calibration_tokens, args.seq_len)
-    windows = {
-        "in_domain": token_windows(tokenizer, evaluation_text, args.eval_tokens, args.seq_len),
-        "out_of_domain": token_windows(tokenizer, ood_text, args.eval_tokens, args.seq_len),
-    }
+    calibration, windows = benchmark_windows(tokenizer, args.calibration_tokens, args.eval_tokens, args.seq_len,
+                                             args.ood_file)
     setup = {
         "model": args.model,
         "calibration_tokens": calibration.numel(),

@@ -36,17 +36,11 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from optipfair import prune_model
-    from optipfair.data import default_texts, token_windows
     from optipfair.evaluation.perplexity import perplexity
 
     torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    calibration_text, evaluation_text = default_texts()
-    calibration = token_windows(tokenizer, calibration_text, args.calibration_tokens, 512)
-    windows = {
-        "in_domain": token_windows(tokenizer, evaluation_text, args.eval_tokens, 512),
-        "out_of_domain": token_windows(tokenizer, quality.out_of_domain_text(), args.eval_tokens, 512),
-    }
+    calibration, windows = quality.benchmark_windows(tokenizer, args.calibration_tokens, args.eval_tokens, 512)
     dense = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     base = {name: perplexity(dense, w) for name, w in windows.items()}
     rows = []

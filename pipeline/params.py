@@ -165,8 +165,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     _positive_int(evaluate["warmup_runs"], "evaluate.warmup_runs", where, allow_zero=True)
     other = evaluate["out_of_domain_file"]
     if other is not None and not Path(other).expanduser().is_file():
-        raise _fail(where, "evaluate.out_of_domain_file", f"{evaluate['out_of_domain_file']} is not a file; "
-                    "give the path of a UTF-8 text file")
+        raise _fail(where, "evaluate.out_of_domain_file", f"{other} is not a file; give the path of a UTF-8 text file")
     variants = _variants(raw.get("variants"), where)
     return Params(path, base, data, calibration, evaluate, tracking, variants)
 

@@ -7,6 +7,7 @@ from typing import Dict, List
 from optipfair.errors import OptiPFairError
 from pipeline import layout
 from pipeline.params import BASE_NAME, Params
+from pipeline.texts import out_of_domain_label
 
 PLOT_FILES = {
     "perplexity": layout.PLOTS / "perplexity_vs_parameters.png",
@@ -66,12 +67,11 @@ def summary_markdown(params: Params, rows: Dict[str, dict]) -> str:
             f"| {m['generation_tokens_per_s']:.1f}{ratio('generation_speedup')} |"
         )
     base = rows[BASE_NAME]
-    other_text = params.evaluate["out_of_domain_file"] or "license texts (pipeline/out_of_domain.txt)"
     lines += [
         "",
         f"Perplexity on {base['eval_tokens']} tokens of evaluation text and on {base['out_of_domain_eval_tokens']} "
-        f"tokens of {other_text}, a text unlike the calibration text; speeds on this machine's CPU; "
-        "ratios (×) relative to the base model.",
+        f"tokens of {out_of_domain_label(params.evaluate)}, a text unlike the calibration text; speeds on this "
+        "machine's CPU; ratios (×) relative to the base model.",
         "",
     ]
     return "\n".join(lines) + benchmark_section()

@@ -34,6 +34,11 @@ def load_out_of_domain_text(evaluate: Dict[str, Any]) -> str:
     return texts.text_from_file(evaluate["out_of_domain_file"] or str(DEFAULT_OUT_OF_DOMAIN))
 
 
+def out_of_domain_label(evaluate: Dict[str, Any]) -> str:
+    """How the report names the second evaluation text."""
+    return evaluate["out_of_domain_file"] or f"license texts (pipeline/{DEFAULT_OUT_OF_DOMAIN.name})"
+
+
 def split_text(text: str, evaluation_share: float) -> Tuple[str, str]:
     """Cut `text` in two at the line break nearest the share; the parts never overlap."""
     cut = int(len(text) * (1 - evaluation_share))
