@@ -4,9 +4,10 @@ The public API follows the OptiPFair API reference; pruned models are ordinary H
 models that reload with stock `from_pretrained`.
 """
 
-from optipfair.core import prune_model
-from optipfair.errors import OptiPFairError
+from optipfair.core import prune, prune_model
+from optipfair.errors import OptiPFairError, OptionError
 from optipfair.evaluation.benchmarks import compare_models_inference, time_inference
+from optipfair.pruning.options import PruningOptions
 from optipfair.pruning.mlp_glu import (
     calculate_pruning_percentage_from_expansion_rate,
     compute_neuron_pair_importance_maw,
@@ -26,6 +27,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "OptiPFairError",
+    "OptionError",
+    "PruningOptions",
     "calculate_pruning_percentage_from_expansion_rate",
     "compare_models_inference",
     "compute_neuron_pair_importance_maw",
@@ -34,6 +37,7 @@ __all__ = [
     "count_parameters",
     "get_model_layers",
     "get_pruning_statistics",
+    "prune",
     "prune_model",
     "prune_model_mlp_glu",
     "prune_neuron_pairs",

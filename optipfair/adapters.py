@@ -96,13 +96,25 @@ class GLUFamily:
         return mlp.gate_proj, mlp.up_proj
 
     @staticmethod
+    def gate_up_shapes(mlp: nn.Module) -> Tuple[torch.Size, torch.Size]:
+        return mlp.gate_proj.weight.shape, mlp.up_proj.weight.shape
+
+    @staticmethod
+    def down_proj(mlp: nn.Module) -> nn.Linear:
+        return mlp.down_proj
+
+    @staticmethod
+    def replace_down_proj(mlp: nn.Module, module: nn.Module) -> None:
+        mlp.down_proj = module
+
+    @staticmethod
     def set_projections(mlp: nn.Module, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -> None:
         mlp.gate_proj, mlp.up_proj, mlp.down_proj = gate, up, down
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = gate.out_features
 
 
-class FusedGLUFamily:
+class FusedGLUFamily(GLUFamily):
     """Fused projection `gate_up_proj` whose first half of rows is the gate, second half up (Phi-3)."""
 
     name = "fused GLU (gate_up_proj/down_proj)"
@@ -119,6 +131,12 @@ class FusedGLUFamily:
         return tuple(slice_linear(fused, index, dim=0) for index in halves)
 
     @staticmethod
+    def gate_up_shapes(mlp: nn.Module) -> Tuple[torch.Size, torch.Size]:
+        rows, columns = mlp.gate_up_proj.weight.shape
+        half = torch.Size((rows // 2, columns))
+        return half, half
+
+    @staticmethod
     def set_projections(mlp: nn.Module, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -> None:
         weight = torch.cat([gate.weight.data, up.weight.data], dim=0)
         bias = None if gate.bias is None else torch.cat([gate.bias.data, up.bias.data], dim=0)
@@ -132,6 +150,29 @@ _FAMILIES = (GLUFamily, FusedGLUFamily)
 def family_of(mlp: nn.Module):
     """The GLU family whose layout `mlp` has, or None."""
     return next((family for family in _FAMILIES if family.matches(mlp)), None)
+
+
+def glu_family(mlp: nn.Module):
+    """The GLU family of `mlp`; OptiPFairError when it is not a gated MLP."""
+    family = family_of(mlp)
+    if family is None:
+        raise OptiPFairError(f"{type(mlp).__name__} is not a gated (GLU) MLP")
+    return family
+
+
+def _shape_mismatch(mlp: nn.Module, family) -> Optional[str]:
+    """Why gate, up and down of `mlp` do not fit together as one GLU, or None when they do."""
+    gate, up = family.gate_up_shapes(mlp)
+    down = family.down_proj(mlp).weight.shape
+    shapes = f"gate {tuple(gate)}, up {tuple(up)}, down {tuple(down)}"
+    if gate != up or down != torch.Size((gate[1], gate[0])):
+        return f"its projections do not fit together ({shapes}); a GLU needs gate and up [n, hidden] and down [hidden, n]"
+    return None
+
+
+# Norms that some architectures apply to the MLP output before adding it to the residual stream
+# (Gemma 2/3, OLMo 2): the layer's output is then not linear in down_proj's output.
+_MLP_OUTPUT_NORMS = ("post_feedforward_layernorm", "post_mlp_layernorm")
 
 
 @dataclass
@@ -171,15 +212,15 @@ class ModelAdapter:
         return gate.weight.data, up.weight.data
 
     def down_proj(self, mlp: nn.Module) -> nn.Linear:
-        return mlp.down_proj
+        return self.family.down_proj(mlp)
 
     def replace_down_proj(self, mlp: nn.Module, module: nn.Module) -> None:
-        """Swap in `module` for down_proj (every supported family names it `down_proj`)."""
-        mlp.down_proj = module
+        """Swap in `module` for down_proj (calibration records its inputs this way)."""
+        self.family.replace_down_proj(mlp, module)
 
     def width(self, mlp: nn.Module) -> int:
         """Number of neuron pairs (the MLP's intermediate size)."""
-        return mlp.down_proj.in_features
+        return self.down_proj(mlp).in_features
 
     @property
     def hidden_size(self) -> int:
@@ -188,6 +229,17 @@ class ModelAdapter:
     def set_projections(self, mlp: nn.Module, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -> None:
         """Install new (pruned) projections into `mlp`."""
         self.family.set_projections(mlp, gate, up, down)
+
+    def residual_scale(self, layer: nn.Module) -> Optional[float]:
+        """How the MLP output joins the residual stream: output = residual + scale * mlp(x).
+
+        None when the architecture transforms the MLP output first (a norm after the MLP), so
+        that the layer's output must be recomputed after pruning rather than patched. Granite
+        scales the residual branch by `residual_multiplier`; the others add it as it is.
+        """
+        if any(getattr(layer, name, None) is not None for name in _MLP_OUTPUT_NORMS):
+            return None
+        return float(getattr(layer, "residual_multiplier", 1.0))
 
 
 def incompatibility(model: nn.Module) -> Optional[str]:
@@ -204,11 +256,15 @@ def incompatibility(model: nn.Module) -> Optional[str]:
             "pruning experts one by one would give them different widths that stock transformers cannot reload"
         )
     for index, mlp in enumerate(mlps):
-        if family_of(mlp) is None:
+        family = family_of(mlp)
+        if family is None:
             return (
                 f"layer {index} MLP ({type(mlp).__name__}) is not a gated (GLU) MLP: expected "
                 "gate_proj/up_proj/down_proj or gate_up_proj/down_proj"
             )
+        mismatch = _shape_mismatch(mlp, family)
+        if mismatch is not None:
+            return f"layer {index} MLP: {mismatch}"
     return None
 
 

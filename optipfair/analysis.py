@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Dict, Sequence
 
 from optipfair.adapters import get_adapter
-from optipfair.pruning.mlp_glu import kept_width
+from optipfair.pruning.surgery import kept_width
 from optipfair.pruning.utils import count_parameters
 
 

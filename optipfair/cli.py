@@ -12,7 +12,15 @@ from typing import Any, Dict, Optional
 
 import typer
 
-from optipfair.errors import OptiPFairError
+from optipfair.errors import OptiPFairError, OptionError
+from optipfair.pruning.options import (
+    DEFAULT_CALIBRATION_SEQ_LEN,
+    DEFAULT_CALIBRATION_TOKENS,
+    DEFAULT_PRUNING_PERCENTAGE,
+    DEFAULT_SHRINKAGE,
+    PruningOptions,
+    check_windows,
+)
 
 app = typer.Typer(
     help="Structured pruning of gated (GLU) MLPs in Hugging Face language models.",
@@ -46,19 +54,12 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _check_method(method: str) -> str:
-    from optipfair.pruning.mlp_glu import known_methods
-
-    known = known_methods()
-    if method.upper() not in known:
-        raise OptiPFairError(f"unknown method {method!r}: choose one of {', '.join(known)}")
-    return method.upper()
+# Command-line flags whose name is not the option's field with dashes.
+_FLAGS = {"calibration.num_tokens": "--calibration-tokens", "calibration.seq_len": "--calibration-seq-len"}
 
 
-def _needs_calibration(pruning_type: PruningType, method: str) -> bool:
-    from optipfair.pruning.mlp_glu import needs_calibration
-
-    return pruning_type is PruningType.DEPTH or needs_calibration(method)
+def _flag(field: str) -> str:
+    return _FLAGS.get(field, "--" + field.replace("_", "-"))
 
 
 def _calibration_data(tokenizer, calibration_file: Optional[str], num_tokens: int, seq_len: int):
@@ -91,7 +92,9 @@ def prune(
         help="Neuron selection: MAW, VOW, PON (weights only), a calibrated method, or AUTO (the best available).",
     ),
     pruning_percentage: Optional[float] = typer.Option(
-        None, "--pruning-percentage", help="Percentage of MLP neuron pairs to remove, in [0, 100). Default 10."
+        None,
+        "--pruning-percentage",
+        help=f"Percentage of MLP neuron pairs to remove, in [0, 100). Default {DEFAULT_PRUNING_PERCENTAGE:g}.",
     ),
     expansion_rate: Optional[float] = typer.Option(
         None, "--expansion-rate", help="Target intermediate/hidden size in % (instead of --pruning-percentage)."
@@ -105,15 +108,19 @@ def prune(
     calibration_file: Optional[str] = typer.Option(
         None, "--calibration-file", help="Text file for calibrated methods (default: Python's own docs)."
     ),
-    calibration_tokens: int = typer.Option(65536, "--calibration-tokens", help="Calibration tokens to use."),
-    calibration_seq_len: int = typer.Option(512, "--calibration-seq-len", help="Tokens per calibration window."),
+    calibration_tokens: int = typer.Option(
+        DEFAULT_CALIBRATION_TOKENS, "--calibration-tokens", help="Calibration tokens to use."
+    ),
+    calibration_seq_len: int = typer.Option(
+        DEFAULT_CALIBRATION_SEQ_LEN, "--calibration-seq-len", help="Tokens per calibration window."
+    ),
     reconstruct: Optional[bool] = typer.Option(
         None, "--reconstruct/--no-reconstruct", help="Refit down_proj after calibrated selection (default on)."
     ),
     shrinkage: Optional[float] = typer.Option(
         None,
         "--shrinkage",
-        help="0-1: shrink activation correlations before calibrated selection and refit (default 0.1). "
+        help=f"0-1: shrink activation correlations before calibrated selection and refit (default {DEFAULT_SHRINKAGE:g}). "
         "Higher keeps more quality on text unlike the calibration text.",
     ),
     num_layers_to_remove: Optional[int] = typer.Option(
@@ -125,48 +132,40 @@ def prune(
     as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON on stdout."),
 ) -> None:
     """Prune a model and save it (model + tokenizer) atomically to --output-path."""
-    from optipfair.core import prune_model
+    from optipfair.core import prune as prune_with
     from optipfair.io import check_output_path, load_model, save_model
-    from optipfair.pruning.calibration import check_shrinkage
 
     try:
-        method = _check_method(method)
-        if pruning_type is PruningType.MLP_GLU:
-            if pruning_percentage is not None and expansion_rate is not None:
-                raise OptiPFairError("--pruning-percentage and --expansion-rate are mutually exclusive: give one")
-            if pruning_percentage is None and expansion_rate is None:
-                pruning_percentage = 10.0
-            if pruning_percentage is not None and not 0 <= pruning_percentage < 100:
-                raise OptiPFairError(f"--pruning-percentage must be in [0, 100), got {pruning_percentage}")
-            if num_layers_to_remove is not None:
-                raise OptiPFairError("--num-layers-to-remove is only for --pruning-type DEPTH")
-            if shrinkage is not None:
-                check_shrinkage(shrinkage)  # before the model loads
-        elif num_layers_to_remove is None:
-            raise OptiPFairError("--pruning-type DEPTH needs --num-layers-to-remove")
+        try:
+            options = PruningOptions(
+                pruning_type=pruning_type.value,
+                method=method,
+                pruning_percentage=pruning_percentage,
+                expansion_rate=expansion_rate,
+                round_to=round_to,
+                reconstruct=reconstruct,
+                shrinkage=shrinkage,
+                num_layers_to_remove=num_layers_to_remove,
+            )
+            if options.needs_calibration:
+                check_windows("calibration.", calibration_tokens, calibration_seq_len)
+        except OptionError as error:
+            raise OptiPFairError(f"{_flag(error.field)}: {error.problem}") from None
         check_output_path(output_path)
 
         _quiet_transformers()
         model, tokenizer = load_model(model_path, device, dtype.value, trust_remote_code)
         calibration = None
-        if _needs_calibration(pruning_type, method):
+        if options.needs_calibration:
             calibration = _calibration_data(tokenizer, calibration_file, calibration_tokens, calibration_seq_len)
-        model, stats = prune_model(
-            model,
-            pruning_type=pruning_type.value,
-            neuron_selection_method=method,
-            pruning_percentage=pruning_percentage if pruning_type is PruningType.MLP_GLU else None,
-            expansion_rate=expansion_rate,
-            show_progress=verbose and not as_json,
-            return_stats=True,
-            calibration_data=calibration,
-            round_to=round_to,
-            reconstruct=reconstruct,
-            shrinkage=shrinkage,
-            num_layers_to_remove=num_layers_to_remove,
-        )
+        try:
+            model, stats = prune_with(
+                model, options, calibration_data=calibration, show_progress=verbose and not as_json, return_stats=True
+            )
+        except OptionError as error:  # a width the model cannot take (round_to, expansion rate)
+            raise OptiPFairError(f"{_flag(error.field)}: {error.problem}") from None
         save_model(model, tokenizer, output_path)
-        stats.update(method=method, output_path=str(output_path), model_path=model_path)
+        stats.update(method=options.method, output_path=str(output_path), model_path=model_path)
         if verbose or as_json:
             _print_result(stats, as_json, _prune_summary(stats))
         else:

@@ -7,18 +7,17 @@ from typing import Any, Dict, Optional, Tuple, Union
 from torch import nn
 
 from optipfair.adapters import get_adapter
-from optipfair.errors import OptiPFairError
-from optipfair.pruning.mlp_glu import prune_model_mlp_glu
+from optipfair.pruning.options import REFERENCE_DEFAULT_PERCENTAGE, PruningOptions, given_percentage, library_options
+from optipfair.pruning import calibration, depth
+from optipfair.pruning.mlp_glu import prune_mlps, target_width
 from optipfair.pruning.utils import count_parameters, statistics_from_counts
-
-PRUNING_TYPES = ("MLP_GLU", "DEPTH")
 
 
 def prune_model(
     model: nn.Module,
     pruning_type: str = "MLP_GLU",
     neuron_selection_method: str = "MAW",
-    pruning_percentage: Optional[float] = 10,
+    pruning_percentage: Optional[float] = REFERENCE_DEFAULT_PERCENTAGE,
     expansion_rate: Optional[float] = None,
     show_progress: bool = True,
     return_stats: bool = False,
@@ -35,9 +34,9 @@ def prune_model(
     Args:
         model: Pre-trained model to prune
         pruning_type: Type of pruning to apply ("MLP_GLU", or "DEPTH" to remove whole decoder layers)
-        neuron_selection_method: Method to calculate neuron importance ("MAW", "VOW", or "PON"; calibrated
-            methods and "AUTO" with calibration_data)
-        pruning_percentage: Percentage of neurons to prune (0-100)
+        neuron_selection_method: Method to calculate neuron importance ("MAW", "VOW", or "PON"; with
+            calibration_data also "ACT", "OBS" or "AUTO", the best calibrated method)
+        pruning_percentage: Percentage of neurons to prune (0-100); 10 unless expansion_rate is given
         expansion_rate: Target expansion rate in percentage (mutually exclusive with pruning_percentage)
         show_progress: Whether to show progress during pruning
         return_stats: Whether to return pruning statistics along with the model
@@ -53,35 +52,53 @@ def prune_model(
         Pruned model or tuple of (pruned_model, statistics) if return_stats is True.
         The model is pruned in place: statistics come from counts taken before and after.
     """
-    kind = str(pruning_type).upper()
-    if kind not in PRUNING_TYPES:
-        raise OptiPFairError(f"unknown pruning type {pruning_type!r}: choose one of {', '.join(PRUNING_TYPES)}")
+    options = library_options(
+        pruning_type=pruning_type,
+        method=neuron_selection_method,
+        pruning_percentage=given_percentage(pruning_percentage),
+        expansion_rate=expansion_rate,
+        round_to=round_to,
+        reconstruct=reconstruct,
+        shrinkage=shrinkage,
+        num_layers_to_remove=num_layers_to_remove,
+    )
+    return prune(model, options, calibration_data=calibration_data, show_progress=show_progress,
+                 return_stats=return_stats)
+
+
+def prune(
+    model: nn.Module,
+    options: PruningOptions,
+    *,
+    calibration_data=None,
+    show_progress: bool = True,
+    return_stats: bool = False,
+) -> Union[nn.Module, Tuple[nn.Module, Dict[str, Any]]]:
+    """
+    Prune `model` in place as `options` say; `prune_model` with the options gathered in one object.
+
+    Args:
+        model: Pre-trained model to prune
+        options: What to prune and how (`optipfair.pruning.options.PruningOptions`)
+        calibration_data: Token ids [samples, seq_len] (calibrated methods and DEPTH)
+        show_progress: Whether to show progress during pruning
+        return_stats: Whether to return pruning statistics along with the model
+
+    Returns:
+        Pruned model or tuple of (pruned_model, statistics) if return_stats is True.
+        Every check (options, model, calibration data, widths) runs before the model is changed.
+    """
     adapter = get_adapter(model)
+    if options.needs_calibration:
+        what = "DEPTH pruning" if options.pruning_type == "DEPTH" else f"method {options.method}"
+        calibration_data = calibration.check_calibration_data(calibration_data, what)
     before = _shape(adapter)
 
-    if kind == "MLP_GLU":
-        if num_layers_to_remove is not None:
-            raise OptiPFairError("num_layers_to_remove is only for pruning_type='DEPTH'")
-        prune_model_mlp_glu(
-            model,
-            neuron_selection_method,
-            pruning_percentage,
-            expansion_rate,
-            show_progress,
-            round_to=round_to,
-            calibration_data=calibration_data,
-            reconstruct=reconstruct,
-            shrinkage=shrinkage,
-        )
+    if options.pruning_type == "MLP_GLU":
+        target_width(adapter, options)  # a width error (round_to, rate) before anything changes
+        prune_mlps(model, adapter, options, calibration_data, show_progress)
     else:
-        from optipfair.pruning import depth
-
-        if not num_layers_to_remove or not 0 < num_layers_to_remove < len(adapter.layers):
-            raise OptiPFairError(
-                f"DEPTH pruning needs num_layers_to_remove between 1 and {len(adapter.layers) - 1}, "
-                f"got {num_layers_to_remove}"
-            )
-        depth.remove_layers(model, adapter, num_layers_to_remove, calibration_data, show_progress)
+        depth.remove_layers(model, adapter, options.num_layers_to_remove, calibration_data, show_progress)
 
     if not return_stats:
         return model
@@ -89,7 +106,7 @@ def prune_model(
     stats = statistics_from_counts(
         before["parameters"], after["parameters"], before["width"], after["width"], after["hidden"]
     )
-    stats.update(original_layers=before["layers"], pruned_layers=after["layers"], pruning_type=kind)
+    stats.update(original_layers=before["layers"], pruned_layers=after["layers"], pruning_type=options.pruning_type)
     return model, stats
 
 

@@ -7,16 +7,22 @@ raises `ParamsError` with one message that names the field and says what to writ
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import yaml
 
-from optipfair.errors import OptiPFairError
-from optipfair.pruning.calibration import check_shrinkage
-from optipfair.pruning.mlp_glu import known_methods, needs_calibration
+from optipfair.data import text_from_file
+from optipfair.errors import OptiPFairError, OptionError
+from optipfair.pruning.options import (
+    DEFAULT_CALIBRATION_SEQ_LEN,
+    DEFAULT_CALIBRATION_TOKENS,
+    PruningOptions,
+    check_windows,
+)
 
 BASE_NAME = "base"
 VARIANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
@@ -29,26 +35,20 @@ class ParamsError(OptiPFairError):
 
 @dataclass(frozen=True)
 class Variant:
-    """One pruned model to build: the arguments of `optipfair.prune_model` that the user chose."""
+    """One pruned model to build: its name and the checked pruning options the user chose.
+
+    The options' fields read as the variant's own (`variant.method`, `variant.round_to`, ...).
+    """
 
     name: str
-    method: str = "MAW"
-    pruning_type: str = "MLP_GLU"
-    pruning_percentage: Optional[float] = None
-    expansion_rate: Optional[float] = None
-    round_to: Optional[int] = None
-    reconstruct: Optional[bool] = None
-    shrinkage: Optional[float] = None
-    num_layers_to_remove: Optional[int] = None
+    options: PruningOptions
 
-    @property
-    def needs_calibration(self) -> bool:
-        """Whether pruning reads calibration text (activation-driven methods and depth pruning)."""
-        return self.pruning_type == "DEPTH" or needs_calibration(self.method)
+    def __getattr__(self, field: str):
+        return getattr(self.options, field)
 
     def fields(self) -> Dict[str, Any]:
         """The user-set fields (no name, no unset options), as logged to MLflow and shown in the report."""
-        return {k: v for k, v in asdict(self).items() if k != "name" and v is not None}
+        return self.options.given()
 
 
 @dataclass(frozen=True)
@@ -99,12 +99,12 @@ DATA_SOURCES = {
         "field": (False, "text"),
     },
 }
-# Absent fields take the CLI's defaults (optipfair prune --calibration-tokens/--calibration-seq-len).
-CALIBRATION = {"num_tokens": (False, 65536), "seq_len": (False, 512)}
+# Absent fields take the library's defaults (those of optipfair prune --calibration-tokens/--calibration-seq-len).
+CALIBRATION = {"num_tokens": (False, DEFAULT_CALIBRATION_TOKENS), "seq_len": (False, DEFAULT_CALIBRATION_SEQ_LEN)}
 EVALUATE = {
-    "num_tokens": (False, 8192),
+    "num_tokens": (False, 4096),
     "seq_len": (False, 512),
-    "prompt": (False, "Explain what a Python decorator is."),
+    "prompt": (False, "Explain what a Python decorator does, with an example."),
     "max_new_tokens": (False, 32),
     "num_runs": (False, 3),
     "warmup_runs": (False, 1),
@@ -112,7 +112,7 @@ EVALUATE = {
     "out_of_domain_file": (False, None),
 }
 TRACKING = {"experiment": (False, "optipfair")}
-VARIANT_FIELDS = {f for f in Variant.__dataclass_fields__ if f != "name"}
+VARIANT_FIELDS = [f.name for f in fields(PruningOptions)]
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -136,12 +136,19 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"params file {path} not found: run from the project root or pass --params FILE")
+    content = path.read_bytes()
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+        text = content.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ParamsError(
+            f"{path} is not UTF-8 text (byte 0x{content[error.start]:02x} at offset {error.start}); save it as UTF-8"
+        ) from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except ParamsError as error:
         raise ParamsError(f"{path}: {error}") from None
     except yaml.YAMLError as error:
-        raise ParamsError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+        raise ParamsError(f"{path} is not valid YAML: {_yaml_problem(error)}") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path} must be a mapping of sections (base, data, calibration, evaluate, variants)")
     where = str(path)
@@ -160,18 +167,36 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     _check_data(data, where)
     _check_windows(calibration, "calibration", where)
     _check_windows(evaluate, "evaluate", where)
+    if not isinstance(evaluate["prompt"], str) or not evaluate["prompt"].strip():
+        raise _fail(where, "evaluate.prompt", f"must be a non-empty text, got {evaluate['prompt']!r}")
     for field in ("max_new_tokens", "num_runs"):
         _positive_int(evaluate[field], f"evaluate.{field}", where)
     _positive_int(evaluate["warmup_runs"], "evaluate.warmup_runs", where, allow_zero=True)
-    other = evaluate["out_of_domain_file"]
-    if other is not None and not Path(other).expanduser().is_file():
-        raise _fail(where, "evaluate.out_of_domain_file", f"{other} is not a file; give the path of a UTF-8 text file")
+    if evaluate["out_of_domain_file"] is not None:
+        _check_text_file(evaluate["out_of_domain_file"], "evaluate.out_of_domain_file", where)
     variants = _variants(raw.get("variants"), where)
     return Params(path, base, data, calibration, evaluate, tracking, variants)
 
 
 def _fail(where: str, field: str, problem: str) -> ParamsError:
     return ParamsError(f"{where}: {field}: {problem}")
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """Where and what: 'line 12, column 5: could not find expected ':''."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
+
+
+def _check_text_file(path, field: str, where: str) -> None:
+    """A UTF-8 text file must be there: the stage that reads it would fail after its work otherwise."""
+    if not isinstance(path, str) or not Path(path).expanduser().is_file():
+        raise _fail(where, field, f"{path} is not a file; give the path of a UTF-8 text file")
+    try:
+        text_from_file(str(Path(path).expanduser()))
+    except OptiPFairError as error:
+        raise _fail(where, field, str(error)) from None
 
 
 def _mapping(raw: Dict[str, Any], name: str, where: str, required: bool) -> Dict[str, Any]:
@@ -231,10 +256,10 @@ def _check_base(base: Dict[str, Any], where: str) -> None:
 def _check_data(data: Dict[str, Any], where: str) -> None:
     if data["source"] in ("default", "file"):
         share = data["evaluation_share"]
-        if not isinstance(share, (int, float)) or isinstance(share, bool) or not 0 < share < 1:
+        if not isinstance(share, (int, float)) or isinstance(share, bool) or not (math.isfinite(share) and 0 < share < 1):
             raise _fail(where, "data.evaluation_share", f"must be between 0 and 1 (e.g. 0.25), got {share!r}")
-    if data["source"] == "file" and not Path(data["path"]).expanduser().is_file():
-        raise _fail(where, "data.path", f"{data['path']} is not a file; give the path of a UTF-8 text file")
+    if data["source"] == "file":
+        _check_text_file(data["path"], "data.path", where)
 
 
 def _positive_int(value, field: str, where: str, allow_zero: bool = False) -> None:
@@ -243,10 +268,10 @@ def _positive_int(value, field: str, where: str, allow_zero: bool = False) -> No
 
 
 def _check_windows(section: Dict[str, Any], name: str, where: str) -> None:
-    _positive_int(section["num_tokens"], f"{name}.num_tokens", where)
-    _positive_int(section["seq_len"], f"{name}.seq_len", where)
-    if section["seq_len"] < 2 or section["num_tokens"] < section["seq_len"]:
-        raise _fail(where, f"{name}.num_tokens", "must be at least seq_len (and seq_len at least 2)")
+    try:
+        check_windows(f"{name}.", section["num_tokens"], section["seq_len"])
+    except OptionError as error:
+        raise _fail(where, error.field, error.problem) from None
 
 
 def _variants(raw, where: str) -> Dict[str, Variant]:
@@ -254,57 +279,20 @@ def _variants(raw, where: str) -> Dict[str, Variant]:
         return {}
     if not isinstance(raw, dict):
         raise _fail(where, "variants", "must map each variant name to its fields, e.g. `maw-20: {method: MAW, ...}`")
-    methods = known_methods()
     variants = {}
-    for name, fields in raw.items():
+    for name, values in raw.items():
         prefix = f"variants.{name}"
         if not isinstance(name, str) or not VARIANT_NAME.match(name) or name == BASE_NAME:
             raise _fail(
                 where, prefix, "bad name; use lowercase letters, digits, '-', '_' or '.' (e.g. maw-20), not 'base'"
             )
-        if not isinstance(fields, dict):
+        if not isinstance(values, dict):
             raise _fail(where, prefix, "must be a mapping, e.g. {method: MAW, pruning_percentage: 20}")
-        for key in fields:
+        for key in values:
             if key not in VARIANT_FIELDS:
                 raise _fail(where, f"{prefix}.{key}", f"unknown field; allowed: {', '.join(sorted(VARIANT_FIELDS))}")
-        variant = Variant(name=name, **fields)
-        variant = _check_variant(variant, prefix, methods, where)
-        variants[name] = variant
-    return variants
-
-
-def _check_variant(v: Variant, prefix: str, methods: tuple, where: str) -> Variant:
-    kind = str(v.pruning_type).upper()
-    if kind not in ("MLP_GLU", "DEPTH"):
-        raise _fail(where, f"{prefix}.pruning_type", f"got {v.pruning_type!r}; choose MLP_GLU or DEPTH")
-    method = str(v.method).upper()
-    if method not in methods:
-        raise _fail(where, f"{prefix}.method", f"unknown method {v.method!r}; choose one of {', '.join(methods)}")
-    if kind == "DEPTH":
-        _positive_int(v.num_layers_to_remove, f"{prefix}.num_layers_to_remove", where)
-        if v.pruning_percentage is not None or v.expansion_rate is not None:
-            raise _fail(where, prefix, "DEPTH pruning takes num_layers_to_remove, not a percentage or rate")
-        return Variant(**{**asdict(v), "pruning_type": kind, "method": method})
-    if v.num_layers_to_remove is not None:
-        raise _fail(where, f"{prefix}.num_layers_to_remove", "only for pruning_type: DEPTH; remove it")
-    if (v.pruning_percentage is None) == (v.expansion_rate is None):
-        raise _fail(where, prefix, "give exactly one of pruning_percentage (e.g. 20) or expansion_rate (e.g. 200)")
-    for field, value, low, high in (
-        ("pruning_percentage", v.pruning_percentage, 0, 100),
-        ("expansion_rate", v.expansion_rate, 0, None),
-    ):
-        if value is None:
-            continue
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= low or (high and value >= high):
-            bounds = f"between {low} and {high} (exclusive)" if high else f"above {low}"
-            raise _fail(where, f"{prefix}.{field}", f"must be a number {bounds}, got {value!r}")
-    if v.round_to is not None:
-        _positive_int(v.round_to, f"{prefix}.round_to", where)
-    if v.reconstruct is not None and not isinstance(v.reconstruct, bool):
-        raise _fail(where, f"{prefix}.reconstruct", f"must be true or false, got {v.reconstruct!r}")
-    if v.shrinkage is not None:
         try:
-            check_shrinkage(v.shrinkage)
-        except OptiPFairError:
-            raise _fail(where, f"{prefix}.shrinkage", f"must be a number between 0 and 1, got {v.shrinkage!r}") from None
-    return Variant(**{**asdict(v), "pruning_type": kind, "method": method})
+            variants[name] = Variant(name, PruningOptions(**values))
+        except OptionError as error:
+            raise _fail(where, f"{prefix}.{error.field}", error.problem) from None
+    return variants

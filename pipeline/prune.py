@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import time
 
-from optipfair import prune_model
+from optipfair import prune
 from optipfair.data import token_windows
+from optipfair.errors import OptionError
 from optipfair.io import load_model, save_model
 from pipeline import layout
-from pipeline.params import BASE_NAME, Params
+from pipeline.params import BASE_NAME, Params, ParamsError
 from pipeline.texts import load_texts
 
 
@@ -24,20 +25,12 @@ def run(params: Params, name: str) -> dict:
             tokenizer, calibration_text, params.calibration["num_tokens"], params.calibration["seq_len"]
         )
     started = time.perf_counter()
-    model, stats = prune_model(
-        model,
-        pruning_type=variant.pruning_type,
-        neuron_selection_method=variant.method,
-        pruning_percentage=variant.pruning_percentage,
-        expansion_rate=variant.expansion_rate,
-        show_progress=False,
-        return_stats=True,
-        calibration_data=calibration,
-        round_to=variant.round_to,
-        reconstruct=variant.reconstruct,
-        shrinkage=variant.shrinkage,
-        num_layers_to_remove=variant.num_layers_to_remove,
-    )
+    # Progress goes to stderr, so `dvc repro` shows how far a long calibrated prune is.
+    try:
+        model, stats = prune(model, variant.options, calibration_data=calibration, show_progress=True,
+                             return_stats=True)
+    except OptionError as error:  # a width this model cannot take (round_to, expansion_rate)
+        raise ParamsError(f"{params.path}: variants.{name}.{error.field}: {error.problem}") from None
     stats["pruning_seconds"] = round(time.perf_counter() - started, 2)
     save_model(model, tokenizer, str(layout.model_dir(name)))
     return stats

@@ -97,3 +97,20 @@ def test_get_model_layers_returns_decoder_layers():
     model = make_tiny_model("gemma2")
     layers = optipfair.get_model_layers(model)
     assert layers == list(model.model.layers) and all(hasattr(layer, "mlp") for layer in layers)
+
+
+def test_inconsistent_glu_shapes_are_refused_before_any_change():
+    # Upstream's test_validate_model_for_glu_pruning_invalid_wrong_dimensions: up 32 -> 96 beside gate 32 -> 64.
+    model = make_tiny_model("llama")
+    model.model.layers[1].mlp.up_proj = torch.nn.Linear(32, 96, bias=False)
+    before = optipfair.count_parameters(model)
+    assert optipfair.validate_model_for_glu_pruning(model) is False
+    with pytest.raises(OptiPFairError, match=r"layer 1 MLP: its projections do not fit together \(gate \(64, 32\), "
+                                             r"up \(96, 32\), down \(32, 64\)\)"):
+        optipfair.prune_model(model, pruning_percentage=20, show_progress=False)
+    assert optipfair.count_parameters(model) == before
+
+
+def test_get_model_layers_is_empty_for_a_model_without_decoder_layers():
+    # The reference says "returns a list"; upstream's examples test `if not layers:`.
+    assert optipfair.get_model_layers(torch.nn.Sequential(torch.nn.Linear(2, 2))) == []

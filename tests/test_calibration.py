@@ -11,8 +11,11 @@ from conftest import make_tiny_model
 from optipfair import prune_model
 from optipfair.adapters import get_adapter
 from optipfair.errors import OptiPFairError
-from optipfair.pruning import calibration
-from optipfair.pruning.mlp_glu import kept_width
+from optipfair.pruning import calibration, selection
+from optipfair.pruning.methods import METHODS, get_method
+from optipfair.pruning.surgery import kept_width
+
+CALIBRATED = [name for name, method in METHODS.items() if method.needs_calibration]
 
 
 def _calibration_rows(samples: int = 6, seq_len: int = 24, seed: int = 1) -> torch.Tensor:
@@ -38,12 +41,27 @@ def _down_inputs(model, layer_index: int, rows: torch.Tensor) -> torch.Tensor:
     return _inputs_of(get_adapter(model).down_proj(get_adapter(model).mlps[layer_index]), model, rows)
 
 
+def _record_layer_inputs(layer, seen: list):
+    """Append every hidden-states input of decoder `layer` to `seen` (a real forward pre-hook)."""
+    def hook(module, args, kwargs):
+        seen.append(args[0] if args else kwargs["hidden_states"])
+    return layer.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@torch.no_grad()
 def _layer_inputs(model, layer_index: int, rows: torch.Tensor) -> torch.Tensor:
-    """The hidden states that enter decoder layer `layer_index` (seen by its first norm)."""
-    return _inputs_of(model.model.layers[layer_index].input_layernorm, model, rows)
+    """The hidden states that enter decoder layer `layer_index`, flattened to [tokens, hidden]."""
+    seen = []
+    handle = _record_layer_inputs(model.model.layers[layer_index], seen)
+    try:
+        for row in rows:
+            model(input_ids=row[None], use_cache=False)
+    finally:
+        handle.remove()
+    return torch.cat([x.reshape(-1, x.shape[-1]) for x in seen])
 
 
-@pytest.mark.parametrize("method", list(calibration.METHODS))
+@pytest.mark.parametrize("method", CALIBRATED)
 def test_every_layer_gets_exactly_the_kept_width(method):
     model = make_tiny_model("llama", num_hidden_layers=3)
     prune_model(model, neuron_selection_method=method, pruning_percentage=30,
@@ -64,18 +82,21 @@ def test_round_to_gives_the_promised_width(round_to, expected):
     assert model.config.intermediate_size == expected
 
 
-# Llama adds the MLP output to the residual (outputs are patched); Gemma 2 normalises it first
-# (the layer is re-run); Phi-3 has a fused gate_up_proj; biased down_proj must keep its bias.
-@pytest.mark.parametrize("arch, overrides", [("llama", {}), ("gemma2", {}), ("phi3", {}), ("llama", {"mlp_bias": True})])
+# Llama adds the MLP output to the residual (outputs are patched); Gemma 2 and OLMo 2 normalise it
+# first (the layer is re-run); Granite scales it by residual_multiplier (patched with the scale);
+# Phi-3 has a fused gate_up_proj; biased down_proj must keep its bias.
+@pytest.mark.parametrize("arch, overrides", [
+    ("llama", {}), ("gemma2", {}), ("olmo2", {}), ("granite", {"residual_multiplier": 0.5}), ("phi3", {}),
+    ("llama", {"mlp_bias": True}),
+])
 def test_layer_by_layer_capture_feeds_pruned_outputs_forward(arch, overrides):
     rows = _calibration_rows()
     dense = make_tiny_model(arch, **overrides)
     pruned = copy.deepcopy(dense)
-    # A real forward hook on layer 1's first norm sees what calibration feeds that layer; its first
-    # call is the calibration batch (the 6 rows fit one), later ones re-check the pruned layer.
+    # A real forward pre-hook on layer 1 sees what calibration feeds that layer; its first call is
+    # the calibration batch (the 6 rows fit one), the later one re-checks or re-runs the pruned layer.
     seen = []
-    norm = pruned.model.layers[1].input_layernorm
-    norm.register_forward_hook(lambda module, args, output: seen.append(args[0]))
+    _record_layer_inputs(pruned.model.layers[1], seen)
     calibration.prune_mlp_calibrated(pruned, get_adapter(pruned), 8, rows, "ACT", True, False)
     calibrated_inputs = seen[0].reshape(-1, seen[0].shape[-1])
 
@@ -85,8 +106,18 @@ def test_layer_by_layer_capture_feeds_pruned_outputs_forward(arch, overrides):
     expected = _layer_inputs(behind_pruned, 1, rows)
     torch.testing.assert_close(calibrated_inputs, expected, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(calibrated_inputs, _layer_inputs(dense, 1, rows), atol=1e-2)
-    # Patched outputs (batch + two-row check) everywhere but Gemma 2, which re-runs the whole batch.
-    assert len(seen) == (3 if arch == "gemma2" else 2)
+    # One calibration pass, then either the two-row check of the patched outputs or the re-run.
+    assert len(seen) == 2
+
+
+def test_a_wrong_residual_declaration_is_caught_not_propagated(monkeypatch):
+    # Gemma 2 normalises the MLP output: claiming a plain residual add must fail loudly.
+    from optipfair.adapters import ModelAdapter
+
+    monkeypatch.setattr(ModelAdapter, "residual_scale", lambda self, layer: 1.0)
+    model = make_tiny_model("gemma2")
+    with pytest.raises(AssertionError, match="does not join the residual stream as the adapter declares"):
+        calibration.prune_mlp_calibrated(model, get_adapter(model), 8, _calibration_rows(), "ACT", True, False)
 
 
 def test_reconstruction_lowers_layer_output_error_on_the_same_kept_pairs():
@@ -95,17 +126,17 @@ def test_reconstruction_lowers_layer_output_error_on_the_same_kept_pairs():
     x = _down_inputs(dense, 0, rows).double()
     weight = get_adapter(dense).down_proj(get_adapter(dense).mlps[0]).weight.data
     gram = x.T @ x
-    keep, _ = calibration.METHODS["ACT"](weight, gram, 24, calibration.DEFAULT_DAMPING)
+    keep, _ = selection.select_act(weight, gram, 24, selection.DEFAULT_DAMPING)
     target = x @ weight.double().T
 
     sliced_error = (x[:, keep] @ weight.double()[:, keep].T - target).norm()
-    refit = calibration.refit_down(weight, gram, keep)
+    refit = selection.refit_down(weight, gram, keep)
     refit_error = (x[:, keep] @ refit.double().T - target).norm()
     assert refit.shape == (weight.shape[0], 24)
     assert refit_error < 0.9 * sliced_error
 
 
-@pytest.mark.parametrize("method", list(calibration.METHODS))
+@pytest.mark.parametrize("method", CALIBRATED)
 def test_reconstruction_brings_the_pruned_model_closer_to_the_dense_one(method):
     rows = _calibration_rows(samples=8)
     dense = make_tiny_model("llama")
@@ -124,7 +155,7 @@ def test_damping_interpolates_between_refit_and_plain_slice():
     x = torch.randn(200, 16, generator=generator, dtype=torch.float64)
     weight = torch.randn(8, 16, generator=generator)
     keep = torch.arange(0, 16, 2)
-    huge = calibration.refit_down(weight, x.T @ x, keep, damping=1e9)
+    huge = selection.refit_down(weight, x.T @ x, keep, damping=1e9)
     torch.testing.assert_close(huge, weight[:, keep], rtol=1e-5, atol=1e-5)
 
 
@@ -134,10 +165,10 @@ def test_obs_keeps_the_pairs_that_carry_the_output():
     x = torch.randn(300, 12, generator=generator, dtype=torch.float64)
     x[:, :4] = 0
     weight = torch.randn(6, 12, generator=generator)
-    keep, refitted = calibration.METHODS["OBS"](weight, x.T @ x, 8, calibration.DEFAULT_DAMPING)
+    keep, refitted = selection.select_obs(weight, x.T @ x, 8, selection.DEFAULT_DAMPING)
     assert keep.tolist() == list(range(4, 12))
     # OBS's compensated columns are the ridge refit of the kept pairs (reused instead of recomputed).
-    torch.testing.assert_close(refitted.float(), calibration.refit_down(weight, x.T @ x, keep), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(refitted.float(), selection.refit_down(weight, x.T @ x, keep), rtol=1e-4, atol=1e-4)
 
 
 def test_obs_compensation_equals_the_refit_after_many_blocks():
@@ -145,8 +176,8 @@ def test_obs_compensation_equals_the_refit_after_many_blocks():
     x = torch.randn(2000, 300, generator=generator, dtype=torch.float64) @ torch.randn(300, 300, generator=generator, dtype=torch.float64)
     weight = torch.randn(40, 300, generator=generator)
     gram = x.T @ x
-    keep, refitted = calibration.METHODS["OBS"](weight, gram, 100, calibration.DEFAULT_DAMPING)  # 4 blocks of 64
-    torch.testing.assert_close(refitted.float(), calibration.refit_down(weight, gram, keep), rtol=1e-3, atol=1e-3)
+    keep, refitted = selection.select_obs(weight, gram, 100, selection.DEFAULT_DAMPING)  # 4 blocks of 64
+    torch.testing.assert_close(refitted.float(), selection.refit_down(weight, gram, keep), rtol=1e-3, atol=1e-3)
 
 
 def test_works_on_layers_that_normalise_the_mlp_output():
@@ -178,21 +209,21 @@ def test_bad_calibration_data_is_refused(data, message):
 def test_bad_method_width_and_damping_are_refused():
     model = make_tiny_model("llama")
     adapter, rows = get_adapter(model), _calibration_rows()
-    with pytest.raises(OptiPFairError, match="unknown calibrated method"):
+    with pytest.raises(OptiPFairError, match="unknown neuron selection method 'NOPE'"):
         calibration.prune_mlp_calibrated(model, adapter, 32, rows, "NOPE", None, False)
+    with pytest.raises(OptiPFairError, match="MAW is not a calibrated method"):
+        calibration.prune_mlp_calibrated(model, adapter, 32, rows, "MAW", None, False)
     with pytest.raises(OptiPFairError, match="keep_width must be between 1 and 64"):
         calibration.prune_mlp_calibrated(model, adapter, 65, rows, "OBS", None, False)
     with pytest.raises(OptiPFairError, match="damping must be positive"):
         calibration.prune_mlp_calibrated(model, adapter, 32, rows, "OBS", None, False, damping=0)
-    with pytest.raises(OptiPFairError, match="shrinkage must be a number between 0 and 1"):
-        calibration.prune_mlp_calibrated(model, adapter, 32, rows, "OBS", None, False, shrinkage=1.5)
 
 
 @pytest.mark.parametrize("shrinkage", [-0.1, 1.5, "0.5", True])
 def test_prune_model_refuses_a_bad_shrinkage_before_touching_the_model(shrinkage):
     model = make_tiny_model("llama")
     before = get_adapter(model).mlps[0].down_proj.weight.clone()
-    with pytest.raises(OptiPFairError, match="shrinkage must be a number between 0 and 1"):
+    with pytest.raises(OptiPFairError, match=r"shrinkage: must be a number in \[0, 1\]"):
         prune_model(model, neuron_selection_method="AUTO", pruning_percentage=25, calibration_data=_calibration_rows(),
                     shrinkage=shrinkage, show_progress=False)
     assert torch.equal(get_adapter(model).mlps[0].down_proj.weight, before)
@@ -216,9 +247,23 @@ def test_full_shrinkage_turns_obs_with_refit_into_act_without():
     assert not torch.allclose(get_adapter(plain).mlps[0].down_proj.weight, get_adapter(act).mlps[0].down_proj.weight)
 
 
-def test_calibrated_method_without_data_is_refused_by_prune_model():
-    with pytest.raises(OptiPFairError, match="needs calibration data"):
-        prune_model(make_tiny_model("llama"), neuron_selection_method=calibration.DEFAULT_METHOD, show_progress=False)
+@pytest.mark.parametrize("method", ["AUTO", "OBS", "ACT"])
+def test_calibrated_method_without_data_is_refused_never_degraded(method):
+    # AUTO without text used to become MAW, the method that multiplies perplexity by 21.
+    model = make_tiny_model("llama")
+    before = get_adapter(model).mlps[0].down_proj.weight.clone()
+    with pytest.raises(OptiPFairError, match=f"method {method} needs calibration_data"):
+        prune_model(model, neuron_selection_method=method, show_progress=False)
+    assert torch.equal(get_adapter(model).mlps[0].down_proj.weight, before)
+
+
+def test_auto_is_an_alias_of_the_best_calibrated_method():
+    rows = _calibration_rows()
+    auto, obs = make_tiny_model("llama"), make_tiny_model("llama")
+    prune_model(auto, neuron_selection_method="AUTO", pruning_percentage=25, calibration_data=rows, show_progress=False)
+    prune_model(obs, neuron_selection_method="OBS", pruning_percentage=25, calibration_data=rows, show_progress=False)
+    assert get_method("auto") is METHODS["OBS"]
+    assert torch.equal(auto.model.layers[1].mlp.down_proj.weight, obs.model.layers[1].mlp.down_proj.weight)
 
 
 def test_calibrated_pruning_keeps_a_bfloat16_model_in_bfloat16():

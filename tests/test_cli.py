@@ -65,12 +65,15 @@ def gpt2_dir(tmp_path_factory):
 BAD = {
     "missing model": (["--model-path", "/no/such/model"], "does not exist"),
     "non-GLU model": (["--model-path", "{gpt2}"], "not a gated"),
-    "percentage 100": (["--pruning-percentage", "100"], "[0, 100)"),
+    "percentage 100": (["--pruning-percentage", "100"], "--pruning-percentage: must be a number in [0, 100), got 100.0"),
     "negative percentage": (["--pruning-percentage", "-5"], "[0, 100)"),
     "both percentage and rate": (["--pruning-percentage", "10", "--expansion-rate", "200"], "mutually exclusive"),
     "rate that grows the model": (["--expansion-rate", "500"], "would not shrink"),
     "unknown method": (["--method", "RANDOM"], "unknown method"),
-    "shrinkage above 1": (["--method", "AUTO", "--shrinkage", "1.5"], "shrinkage must be a number between 0 and 1"),
+    "shrinkage above 1": (["--method", "AUTO", "--shrinkage", "1.5"], "--shrinkage: must be a number in [0, 1], got 1.5"),
+    "round_to 0": (["--round-to", "0"], "--round-to: must be a whole number >= 1, got 0"),
+    "round_to wider than the MLP": (["--round-to", "256"], "--round-to: 256 is wider than the MLP (128 pairs)"),
+    "percentage nan": (["--pruning-percentage", "nan"], "--pruning-percentage: must be a number in [0, 100), got nan"),
     "unknown pruning type": (["--pruning-type", "HEADS"], "HEADS"),
 }
 
@@ -109,7 +112,7 @@ def test_subprocess_prune_and_error(tiny_model_dir, tmp_path):
     assert ok.stdout.startswith("saved ") and (tmp_path / "ok" / "config.json").is_file()
     bad = _run("prune", "--model-path", tiny_model_dir, "--output-path", tmp_path / "bad", "--pruning-percentage", 150)
     assert bad.returncode == 1
-    assert bad.stderr.strip().splitlines() == ["error: --pruning-percentage must be in [0, 100), got 150.0"]
+    assert bad.stderr.strip().splitlines() == ["error: --pruning-percentage: must be a number in [0, 100), got 150.0"]
     assert not (tmp_path / "bad").exists()
 
 
@@ -127,7 +130,15 @@ def test_analyze_layer_importance(tiny_model_dir):
     result = invoke("analyze", "--model-path", tiny_model_dir, "--layer-importance", *CALIBRATION, "--json")
     assert result.exit_code == 0, result.output
     scores = json.loads(result.stdout)["layer_importance"]
-    assert len(scores) == 2 and all(0 <= score <= 2 for score in scores)
+    # The command measures the saved model on the default calibration text, as the library does.
+    from optipfair.adapters import get_adapter
+    from optipfair.data import default_texts, token_windows
+    from optipfair.io import load_model
+    from optipfair.pruning.depth import layer_importance
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    expected = layer_importance(model, get_adapter(model), token_windows(tokenizer, default_texts()[0], 256, 64))
+    assert scores == pytest.approx(expected, rel=1e-6) and scores[0] != scores[1]
 
 
 def test_prune_auto_calibrates_on_default_text(tiny_model_dir, tmp_path):

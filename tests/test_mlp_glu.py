@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import optipfair
-from optipfair import OptiPFairError
+from optipfair import OptiPFairError, OptionError
 from optipfair.pruning.mlp_glu import (
     calculate_pruning_percentage_from_expansion_rate,
     compute_neuron_pair_importance_maw,
@@ -56,9 +56,14 @@ def test_removes_floor_of_percentage_never_all(n, p, kept):
 
 
 @pytest.mark.parametrize("n, p, multiple, kept", [(1536, 10, 128, 1408), (1536, 20, 128, 1280), (1536, 40, 256, 1024),
-                                                 (8192, 20, 128, 6528), (64, 99, 128, 1)])
+                                                 (8192, 20, 128, 6528), (64, 99, 64, 64), (64, 99, 16, 16)])
 def test_round_to_gives_multiples(n, p, multiple, kept):
     assert kept_width(n, p, round_to=multiple) == kept
+
+
+def test_round_to_wider_than_the_mlp_is_an_error_not_ignored():
+    with pytest.raises(OptionError, match=r"round_to: 128 is wider than the MLP \(64 pairs\)"):
+        kept_width(64, 20, round_to=128)
 
 
 def test_expansion_rate_to_percentage():
@@ -131,16 +136,37 @@ def test_get_pruning_statistics_compares_two_models():
     original = make_tiny_model("qwen2")
     pruned = optipfair.prune_model(make_tiny_model("qwen2"), pruning_percentage=50, show_progress=False)
     stats = optipfair.get_pruning_statistics(original, pruned)
-    for key in ("original_parameters", "pruned_parameters", "reduction", "percentage_reduction", "expansion_rate"):
-        assert key in stats
-    assert stats["reduction"] == 2 * 32 * 3 * 32
-    assert stats["expansion_rate"] == 100.0
+    removed = 2 * 32 * 3 * 32  # 2 layers x 32 pairs x (gate row + up row + down column) of 32 weights
+    assert stats["original_parameters"] == optipfair.count_parameters(original)
+    assert stats["pruned_parameters"] == stats["original_parameters"] - removed
+    assert stats["reduction"] == removed
+    assert stats["percentage_reduction"] == pytest.approx(100 * removed / stats["original_parameters"])
+    assert stats["expansion_rate"] == 100.0 and stats["original_expansion_rate"] == 200.0
 
 
 def test_expansion_rate_path_through_prune_model():
     model = make_tiny_model("mistral")
     optipfair.prune_model(model, pruning_percentage=None, expansion_rate=150, show_progress=False)
     assert model.config.intermediate_size == 48
+
+
+def test_expansion_rate_alone_works_as_the_reference_docs_write_it():
+    # prune_model(model, expansion_rate=140): the default percentage must not collide with the rate.
+    model = make_tiny_model("llama")
+    optipfair.prune_model(model, expansion_rate=150, show_progress=False)
+    assert model.config.intermediate_size == 48
+    other = make_tiny_model("llama")
+    optipfair.prune_model_mlp_glu(other, expansion_rate=150, show_progress=False)
+    assert other.config.intermediate_size == 48
+    # An explicit percentage with a rate is still an error, even 10.
+    with pytest.raises(OptiPFairError, match="mutually exclusive"):
+        optipfair.prune_model(make_tiny_model("llama"), pruning_percentage=10, expansion_rate=150, show_progress=False)
+
+
+def test_default_percentage_is_ten():
+    model = make_tiny_model("llama")
+    optipfair.prune_model(model, show_progress=False)
+    assert model.config.intermediate_size == 58  # floor(10 % of 64) = 6 pairs removed
 
 
 @pytest.mark.parametrize(
@@ -150,7 +176,13 @@ def test_expansion_rate_path_through_prune_model():
         ({"pruning_percentage": -1}, r"\[0, 100\)"),
         ({"pruning_percentage": 10, "expansion_rate": 150}, "mutually exclusive"),
         ({"pruning_percentage": None, "expansion_rate": 250}, "would not shrink"),
-        ({"neuron_selection_method": "XYZ"}, "unknown neuron selection method"),
+        ({"neuron_selection_method": "XYZ"}, "neuron_selection_method: unknown method 'XYZ'"),
+        ({"pruning_percentage": float("nan")}, "pruning_percentage: must be a number"),
+        ({"pruning_percentage": None, "expansion_rate": float("inf")}, "expansion_rate: must be a number above 0"),
+        ({"round_to": 0}, "round_to: must be a whole number >= 1"),
+        ({"round_to": 128}, "round_to: 128 is wider than the MLP"),
+        ({"shrinkage": 0.5}, "shrinkage: applies only to calibrated width pruning"),
+        ({"neuron_selection_method": "AUTO"}, "method AUTO needs calibration_data"),
         ({"pruning_type": "ATTENTION"}, "unknown pruning type"),
     ],
 )
@@ -164,14 +196,12 @@ def test_bad_arguments_raise_clear_errors_and_leave_model_untouched(kwargs, mess
 
 
 def test_shrink_mlp_installs_a_refitted_down_weight_in_the_models_dtype():
-    from optipfair.adapters import get_adapter
-    from optipfair.pruning.mlp_glu import shrink_mlp
+    from optipfair.pruning.surgery import shrink_mlp
 
     model = make_tiny_model("llama").to(torch.bfloat16)
-    adapter = get_adapter(model)
-    mlp = adapter.mlps[0]
+    mlp = model.model.layers[0].mlp
     refit = torch.randn(32, 16, dtype=torch.float64)
-    shrink_mlp(adapter, mlp, torch.arange(16), down_weight=refit)
+    shrink_mlp(mlp, torch.arange(16), down_weight=refit)
     assert mlp.down_proj.weight.dtype == torch.bfloat16
     assert torch.equal(mlp.down_proj.weight, refit.to(torch.bfloat16))
     assert mlp.gate_proj.out_features == mlp.up_proj.out_features == 16

@@ -175,7 +175,7 @@ def test_added_variant_survives_a_broken_mlflow_store_and_is_logged_later(projec
 BAD_PARAMS = [
     ("variants.maw-25.method", lambda p: p["variants"]["maw-25"].update(method="MAGIC")),
     ("variants.maw-25.pruning_percentage", lambda p: p["variants"]["maw-25"].update(pruning_percentage=120)),
-    ("variants.vow-50", lambda p: p["variants"]["vow-50"].pop("pruning_percentage")),
+    ("variants.vow-50.round_to", lambda p: p["variants"]["vow-50"].update(round_to=0)),
     ("variants.maw-25.pruning_percentag", lambda p: p["variants"]["maw-25"].update(pruning_percentag=5)),
     ("base.path", lambda p: p["base"].update(path="/nonexistent/model")),
     ("base.revision", lambda p: p.update(base={"source": "hf", "repo_id": "org/model", "revision": "main"})),

@@ -4,38 +4,23 @@ Calibration runs layer by layer (as in Wanda and SparseGPT): the inputs of decod
 computed once, layer i is run on them while its down_proj inputs are recorded, the layer is
 pruned, and its *pruned* outputs become the inputs of layer i+1. Memory stays near one layer's
 activations, and every layer is fitted to what the already-pruned layers before it produce.
-
-A method only decides which pairs to keep from two statistics of one layer: the down_proj
-weight W [hidden, n] and the Gram matrix H = X^T X [n, n] of the down_proj inputs X (one row per
-calibration token). Reconstruction then refits the kept down_proj columns so that the layer's
-output on the calibration tokens changes as little as possible (closed-form ridge regression).
+Which pairs stay is decided by a method of `selection` from the layer's statistics.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, List, Tuple
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from optipfair.errors import OptiPFairError
-from optipfair.pruning.mlp_glu import select_kept_pairs, shrink_mlp
+from optipfair.pruning.options import DEFAULT_SHRINKAGE
+from optipfair.pruning.methods import get_method
+from optipfair.pruning.selection import DEFAULT_DAMPING, refit_down, shrink_correlations
+from optipfair.pruning.surgery import shrink_mlp
 
-# Ridge damping, as a fraction of the mean diagonal of H; it keeps H invertible. Measured on
-# SmolLM2 at 20 % (perplexity in-domain / license text): 0.001 -> 15.33 / 28.2, 0.01 -> 15.31 /
-# 28.9, 0.1 -> 16.57 / 32.8. More damping pulls toward weight-only choices and hurts both.
-DEFAULT_DAMPING = 0.001
-# Shrinkage of the pair correlations toward zero (see `shrink_correlations`): it keeps selection
-# and refit from leaning on correlations peculiar to the calibration text. Measured on SmolLM2,
-# 64k calibration tokens (benchmarks/results/shrinkage.md; perplexity x base, in domain / license
-# text, shrinkage 0 -> 0.1 -> 0.3): 10 %: 1.029/1.175 -> 1.028/1.152 -> 1.027/1.138;
-# 20 %: 1.074/1.377 -> 1.076/1.398 -> 1.083/1.390; 40 %: 1.252/2.146 -> 1.263/2.087 -> 1.301/2.135.
-# 0.1 is never far from the best of either; 0 alone falls behind OptiPFair 0.4.2 off-domain at 10 %.
-DEFAULT_SHRINKAGE = 0.1
-# Pairs removed per step of the OBS elimination: one step costs about one n x n update. On
-# SmolLM2 layers, blocks of 64 raise the layer error 0.1 % over one-at-a-time at 1/20 of the time.
-_OBS_BLOCK = 64
 # Columns per block of the Gram accumulation.
 _GRAM_BLOCK = 256
 # Calibration rows per forward: CPU attention is several times slower per token on single rows.
@@ -65,10 +50,14 @@ class _Recorder(nn.Module):
         return self.on_call(*args, **kwargs)
 
 
-def check_calibration_data(calibration_data) -> torch.Tensor:
+def check_calibration_data(calibration_data, method: str = "calibrated pruning") -> torch.Tensor:
     """The calibration token ids as a LongTensor [samples, seq_len]; raises OptiPFairError otherwise."""
     if calibration_data is None:
-        raise OptiPFairError("calibrated pruning needs calibration_data: token ids [samples, seq_len]")
+        raise OptiPFairError(
+            f"{method} needs calibration_data: token ids [samples, seq_len] of calibration text, e.g. "
+            "optipfair.data.token_windows(tokenizer, optipfair.data.default_texts()[0], 65536, 512); "
+            "or choose MAW, VOW or PON to prune from the weights alone"
+        )
     if not isinstance(calibration_data, torch.Tensor) or calibration_data.dim() != 2:
         shape = tuple(calibration_data.shape) if isinstance(calibration_data, torch.Tensor) else type(calibration_data)
         raise OptiPFairError(f"calibration_data must be a 2-D tensor of token ids [samples, seq_len], got {shape}")
@@ -134,81 +123,12 @@ def run_layer(layer: nn.Module, hidden: List[torch.Tensor], kwargs: dict) -> Lis
     return outputs
 
 
-# --- methods: (W [hidden, n], H [n, n] float64, keep_width, damping) -> (kept indices, refit or None) --
-# A method that already knows the refitted kept columns (OBS) returns them; otherwise refit_down does.
-
-
-def _select_act(weight: torch.Tensor, gram: torch.Tensor, keep_width: int, damping: float) -> Tuple[torch.Tensor, None]:
-    """ACT: ||x_i|| * ||W[:, i]||, the size of each pair's contribution to the layer output.
-
-    Structured Wanda: the activation norm comes from calibration text, the column norm from the weights.
-    """
-    score = gram.diagonal().clamp_min(0).sqrt() * weight.double().norm(dim=0)
-    return select_kept_pairs(score, keep_width), None
-
-
-def _select_obs(weight: torch.Tensor, gram: torch.Tensor, keep_width: int, damping: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """OBS: greedy backward elimination by the structured Optimal Brain Surgeon criterion (ZipLM, SlimGPT).
-
-    Removing pair j and optimally compensating with the others raises the squared output error
-    by ||W[:, j]||^2 / Hinv[j, j]. The cheapest pairs are removed a block at a time; after each
-    block the weights are compensated and Hinv is downdated, so later choices see the earlier ones.
-    """
-    n = gram.shape[0]
-    w = weight.double().clone()
-    hinv = torch.cholesky_inverse(torch.linalg.cholesky(gram + _ridge(gram, damping) * _eye(n, gram)))
-    alive = torch.ones(n, dtype=torch.bool, device=gram.device)
-    to_remove = n - keep_width
-    while to_remove > 0:
-        cost = (w * w).sum(dim=0) / hinv.diagonal()
-        cost[~alive] = float("inf")
-        block = torch.topk(cost, min(_OBS_BLOCK, to_remove), largest=False).indices
-        # Removing a block S: W -= W_S Hinv_SS^-1 Hinv_S: and Hinv -= Hinv_:S Hinv_SS^-1 Hinv_S:.
-        inv_ss = torch.linalg.inv(hinv[block][:, block])
-        w -= w[:, block] @ inv_ss @ hinv[block]
-        hinv -= hinv[:, block] @ inv_ss @ hinv[block]
-        alive[block] = False
-        to_remove -= len(block)
-    keep = alive.nonzero().squeeze(1)
-    # The compensated columns are exactly refit_down's ridge solution for these pairs.
-    return keep, w[:, keep]
-
-
-METHODS: Dict[str, Callable] = {"ACT": _select_act, "OBS": _select_obs}
-DEFAULT_METHOD = "OBS"
-
-
-def _eye(n: int, like: torch.Tensor) -> torch.Tensor:
-    return torch.eye(n, dtype=like.dtype, device=like.device)
-
-
-def _ridge(gram: torch.Tensor, damping: float) -> torch.Tensor:
-    """The ridge added to H's diagonal: relative, so one damping fits any activation scale."""
-    return damping * gram.diagonal().mean().clamp_min(1e-12)
-
-
-def refit_down(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, damping: float = DEFAULT_DAMPING) -> torch.Tensor:
-    """The kept down_proj columns refitted so X_K W_K'^T best matches X W^T on calibration tokens.
-
-    Ridge regression pulled toward the original columns (not toward zero):
-        W_K' = W_K + W_R H_RK (H_KK + damping * mean(diag H) * I)^-1
-    where R are the removed pairs. With damping -> infinity this is the plain column slice.
-    Returns [hidden, len(keep)] in the weight's dtype.
-    """
-    removed = torch.ones(len(gram), dtype=torch.bool, device=gram.device)
-    removed[keep] = False
-    w = weight.double()
-    kept_gram = gram[keep][:, keep] + _ridge(gram, damping) * _eye(len(keep), gram)
-    correction = torch.linalg.solve(kept_gram, gram[keep][:, removed] @ w[:, removed].T).T
-    return (w[:, keep] + correction).to(weight.dtype)
-
-
 class _DownRecorder(nn.Module):
     """Stands in for down_proj while its layer runs on calibration batches.
 
     It accumulates the Gram matrix of down_proj's inputs and keeps the inputs, and returns zeros:
     the dense down_proj output is never needed, since the layer's output is rebuilt from the
-    pruned down_proj once the kept pairs are known (see `_pruned_outputs`). Skipping it saves a
+    pruned down_proj once the kept pairs are known (see `_patched_outputs`). Skipping it saves a
     fifth of the layer's work.
     """
 
@@ -239,7 +159,7 @@ def prune_mlp_calibrated(
     adapter,
     keep_width: int,
     calibration_data: torch.Tensor,
-    method: str = DEFAULT_METHOD,
+    method: str = "OBS",
     reconstruct: bool | None = None,
     show_progress: bool = True,
     damping: float = DEFAULT_DAMPING,
@@ -253,7 +173,7 @@ def prune_mlp_calibrated(
         adapter: The model's `ModelAdapter`
         keep_width: Pairs each MLP keeps
         calibration_data: Token ids [samples, seq_len]
-        method: One of METHODS ("ACT", "OBS")
+        method: A calibrated method of `optipfair.pruning.methods` ("ACT", "OBS", "AUTO")
         reconstruct: Refit the kept down_proj columns (None means on)
         show_progress: Whether to show a progress bar over layers
         damping: Ridge damping of selection and refit, relative to the mean activation energy
@@ -263,19 +183,19 @@ def prune_mlp_calibrated(
     Returns:
         model: The pruned model
     """
-    if method not in METHODS:
-        raise OptiPFairError(f"unknown calibrated method {method!r}: choose one of {', '.join(METHODS)}")
+    chosen = get_method(method)
+    if not chosen.needs_calibration:
+        raise OptiPFairError(f"{chosen.name} is not a calibrated method: use prune_model for weight-only methods")
     if not damping > 0:
         raise OptiPFairError(f"damping must be positive, got {damping}")
-    check_shrinkage(shrinkage)
     width = adapter.width(adapter.mlps[0])
     if not 0 < keep_width <= width:
         raise OptiPFairError(f"keep_width must be between 1 and {width}, got {keep_width}")
-    select = METHODS[method]
     reconstruct = True if reconstruct is None else bool(reconstruct)
     hidden, layer_kwargs = capture_layer_inputs(model, adapter, calibration_data)
 
-    for index, layer in enumerate(tqdm(adapter.layers, desc=f"Calibrated pruning ({method})", disable=not show_progress)):
+    layers = tqdm(adapter.layers, desc=f"Calibrated pruning ({chosen.name})", unit="layer", disable=not show_progress)
+    for index, layer in enumerate(layers):
         mlp = adapter.mlp(layer)
         down = adapter.down_proj(mlp)
         recorder = _DownRecorder(down)
@@ -285,38 +205,25 @@ def prune_mlp_calibrated(
         finally:
             adapter.replace_down_proj(mlp, down)
         gram = shrink_correlations(recorder.full_gram(), shrinkage)
-        keep, refitted = select(down.weight.data.float(), gram, keep_width, damping)
+        keep, refitted = chosen.function(down.weight.data.float(), gram, keep_width, damping)
         if reconstruct and refitted is None:
             refitted = refit_down(down.weight.data, gram, keep, damping)
-        shrink_mlp(adapter, mlp, keep, refitted if reconstruct else None)
-        hidden = _pruned_outputs(layer, adapter.down_proj(mlp), hidden, outputs, recorder.inputs, keep, layer_kwargs[index])
+        shrink_mlp(mlp, keep, refitted if reconstruct else None)
+        scale = adapter.residual_scale(layer)
+        if scale is None:  # the MLP output is transformed before the residual add: recompute
+            hidden = run_layer(layer, hidden, layer_kwargs[index])
+        else:
+            hidden = _patched_outputs(layer, adapter.down_proj(mlp), scale, hidden, outputs, recorder.inputs, keep,
+                                      layer_kwargs[index])
     return model
 
 
-def check_shrinkage(shrinkage) -> float:
-    """`shrinkage` as a float in [0, 1]; raises OptiPFairError otherwise."""
-    if isinstance(shrinkage, bool) or not isinstance(shrinkage, (int, float)) or not 0 <= shrinkage <= 1:
-        raise OptiPFairError(f"shrinkage must be a number between 0 and 1, got {shrinkage!r}")
-    return float(shrinkage)
+def _patched_outputs(layer, new_down, scale, hidden, outputs, inputs, keep, kwargs) -> List[torch.Tensor]:
+    """The pruned layer's outputs, for the next layer's inputs, without re-running attention.
 
-
-def shrink_correlations(gram: torch.Tensor, shrinkage: float) -> torch.Tensor:
-    """H with its off-diagonal part scaled by (1 - shrinkage) (Ledoit-Wolf style shrinkage to the diagonal).
-
-    At 1, OBS selection becomes ACT (pairs judged alone) and the refit becomes the plain slice.
-    """
-    if shrinkage == 0:
-        return gram
-    return gram * (1 - shrinkage) + torch.diag(gram.diagonal() * shrinkage)
-
-
-def _pruned_outputs(layer, new_down, hidden, outputs, inputs, keep, kwargs) -> List[torch.Tensor]:
-    """The pruned layer's outputs, for the next layer's inputs.
-
-    `outputs` were computed with down_proj answering zeros, so where the layer adds down_proj's
-    output straight to the residual stream (Llama, Qwen, Mistral, ...) the pruned outputs are
-    outputs + new_down(x_K), without re-running attention. Checked on two rows; layers that
-    normalise the MLP output first (Gemma 2/3) fail the check and are re-run.
+    `outputs` were computed with down_proj answering zeros; where the MLP output joins the
+    residual stream as `scale * mlp(x)` (the adapter says so), the pruned outputs are
+    outputs + scale * new_down(x_K).
     """
     keep = keep.to(inputs[0].device)
 
@@ -324,13 +231,19 @@ def _pruned_outputs(layer, new_down, hidden, outputs, inputs, keep, kwargs) -> L
         # In place: `out` is this function's to change, and a second [tokens, hidden] copy is avoided.
         out = out.contiguous()
         flat = out.view(-1, out.shape[-1])
-        flat.addmm_(x.reshape(-1, x.shape[-1]).index_select(1, keep), new_down.weight.T)
+        flat.addmm_(x.reshape(-1, x.shape[-1]).index_select(1, keep), new_down.weight.T, alpha=scale)
         if new_down.bias is not None:
-            flat.add_(new_down.bias)
+            flat.add_(new_down.bias, alpha=scale)
         return out
 
     first = patch(outputs[0], inputs[0])
+    # The adapter's claim, checked on two rows: a wrong claim would silently corrupt every later layer.
+    # Rounding alone stays far below the tolerance (a few ulps of the dtype); a wrong claim is off by O(1).
     rerun = run_layer(layer, [hidden[0][:2]], kwargs)[0]
-    if not torch.allclose(first[:2], rerun, rtol=1e-4, atol=1e-5 * rerun.abs().max().item()):
-        return run_layer(layer, hidden, kwargs)
+    tolerance = max(1e-4, 8 * torch.finfo(rerun.dtype).eps) * rerun.abs().max().item()
+    if (first[:2] - rerun).abs().max().item() > tolerance:
+        raise AssertionError(
+            f"{type(layer).__name__}: the MLP output does not join the residual stream as the adapter declares "
+            "(optipfair.adapters.ModelAdapter.residual_scale); please report this architecture"
+        )
     return [first, *(patch(out, x) for out, x in zip(outputs[1:], inputs[1:]))]

@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from optipfair.adapters import find_layers, get_adapter, incompatibility
-from optipfair.errors import OptiPFairError
 
 
 def validate_model_for_glu_pruning(model: nn.Module) -> bool:
@@ -33,12 +32,10 @@ def get_model_layers(model: nn.Module) -> List[Any]:
         model: Pre-trained model
 
     Returns:
-        List of decoder layers that contain MLP blocks
+        List of decoder layers that contain MLP blocks (empty when the model has none in a known place)
     """
     layers = find_layers(model)
-    if layers is None:
-        raise OptiPFairError(f"{type(model).__name__} has no decoder layers in a known place")
-    return list(layers)
+    return [] if layers is None else list(layers)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,0 +1,146 @@
+"""Reading and checking params.yaml: defaults, every bad value refused with one line naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+import optipfair
+from conftest import make_tiny_model
+from optipfair.cli import app as optipfair_cli
+from pipeline.params import ParamsError, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = {"source": "hf", "repo_id": "org/model", "revision": "a" * 40}
+
+
+def _load(tmp_path, params: dict):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return load_params(path)
+
+
+def _error(tmp_path, params: dict) -> str:
+    with pytest.raises(ParamsError) as error:
+        _load(tmp_path, params)
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+def test_absent_sections_take_the_defaults_written_in_the_repos_params_yaml(tmp_path):
+    # The defaults must not drift from the file users copy: a missing field means what params.yaml says.
+    written = yaml.safe_load((ROOT / "params.yaml").read_text())
+    loaded = _load(tmp_path, {"base": BASE})
+    for section in ("calibration", "evaluate"):
+        for field, value in written[section].items():
+            assert getattr(loaded, section)[field] == value, f"{section}.{field}"
+
+
+def test_a_variant_reads_as_its_checked_options(tmp_path):
+    params = _load(tmp_path, {"base": BASE, "variants": {"auto-30": {"method": "auto", "pruning_percentage": 30,
+                                                                    "round_to": 64}}})
+    variant = params.variant("auto-30")
+    assert variant.options == optipfair.PruningOptions(method="AUTO", pruning_percentage=30, round_to=64)
+    assert variant.method == "AUTO" and variant.needs_calibration
+    assert variant.fields() == {"pruning_type": "MLP_GLU", "method": "AUTO", "pruning_percentage": 30, "round_to": 64}
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("pruning_percentage", float("nan"), "must be a number in [0, 100), got nan"),
+    ("pruning_percentage", float("inf"), "must be a number in [0, 100), got inf"),
+    ("pruning_percentage", 100, "must be a number in [0, 100), got 100"),
+    ("expansion_rate", float("nan"), "must be a number above 0, got nan"),
+    ("shrinkage", float("nan"), "must be a number in [0, 1], got nan"),
+    ("round_to", 0, "must be a whole number >= 1, got 0"),
+    ("round_to", 12.5, "must be a whole number >= 1, got 12.5"),
+    ("method", "MAGIC", "unknown method 'MAGIC'"),
+])
+def test_bad_variant_values_name_the_field(tmp_path, field, value, message):
+    fields = {"method": "AUTO", "pruning_percentage": 20, field: value}
+    if field == "expansion_rate":
+        fields.pop("pruning_percentage")
+    error = _error(tmp_path, {"base": BASE, "variants": {"v": fields}})
+    assert f"variants.v.{field}: {message}" in error
+
+
+def test_nan_elsewhere_is_refused(tmp_path):
+    error = _error(tmp_path, {"base": BASE, "data": {"source": "default", "evaluation_share": float("nan")}})
+    assert "data.evaluation_share: must be between 0 and 1" in error
+
+
+@pytest.mark.parametrize("value, flag_value", [(120, "120"), (0.0, None)])
+def test_library_cli_and_params_say_the_same_thing(tmp_path, tiny_model_dir, value, flag_value):
+    # One rule: 0 is a valid percentage everywhere, 120 is refused everywhere with the same words.
+    model = make_tiny_model("llama")
+    if flag_value is None:
+        assert _load(tmp_path, {"base": BASE, "variants": {"v": {"pruning_percentage": value}}})
+        optipfair.prune_model(model, pruning_percentage=value, show_progress=False)
+        return
+    with pytest.raises(optipfair.OptionError) as library:
+        optipfair.prune_model(model, pruning_percentage=value, show_progress=False)
+    params = _error(tmp_path, {"base": BASE, "variants": {"v": {"pruning_percentage": value}}})
+    cli = CliRunner().invoke(optipfair_cli, ["prune", "--model-path", str(tiny_model_dir), "--output-path",
+                                              str(tmp_path / "out"), "--pruning-percentage", flag_value])
+    problem = library.value.problem.rsplit(" got ", 1)[0]
+    assert str(library.value).startswith("pruning_percentage: " + problem)
+    assert params.endswith("variants.v.pruning_percentage: " + library.value.problem)
+    assert cli.stderr.startswith("error: --pruning-percentage: " + problem)
+
+
+def test_options_that_apply_only_to_calibrated_methods_are_refused_for_weight_only_ones(tmp_path):
+    error = _error(tmp_path, {"base": BASE, "variants": {"m": {"method": "MAW", "pruning_percentage": 20,
+                                                               "reconstruct": False}}})
+    assert "variants.m.reconstruct: applies only to calibrated width pruning" in error
+
+
+def test_depth_variant_needs_its_layer_count(tmp_path):
+    error = _error(tmp_path, {"base": BASE, "variants": {"d": {"pruning_type": "DEPTH"}}})
+    assert "variants.d.num_layers_to_remove: DEPTH pruning needs the number of layers to remove" in error
+    error = _error(tmp_path, {"base": BASE, "variants": {"d": {"pruning_type": "DEPTH", "num_layers_to_remove": 2,
+                                                               "pruning_percentage": 20}}})
+    assert "variants.d.pruning_percentage: DEPTH pruning removes whole layers" in error
+
+
+def test_variant_names_follow_one_rule(tmp_path):
+    for name in ("my variant", "Big", "base", "-x"):
+        error = _error(tmp_path, {"base": BASE, "variants": {name: {"method": "MAW"}}})
+        assert f"variants.{name}: bad name" in error
+
+
+def test_unknown_section_is_refused(tmp_path):
+    error = _error(tmp_path, {"base": BASE, "evalute": {"num_tokens": 100}})
+    assert "unknown section 'evalute'" in error
+
+
+def test_yaml_syntax_errors_keep_their_line_and_column(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("base:\n  source: pypi\nvariants:\n  maw-20: {method: MAW, pruning_percentage: 20\n")
+    with pytest.raises(ParamsError, match=r"is not valid YAML: line 5, column 1: ") as error:
+        load_params(path)
+    assert "\n" not in str(error.value)
+
+
+def test_a_params_file_that_is_not_utf8_is_one_line_with_the_offset(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_bytes(b"base:\n  source: local\n  path: /mod\xe8le\n")
+    with pytest.raises(ParamsError, match=r"is not UTF-8 text \(byte 0xe8 at offset 34\)"):
+        load_params(path)
+
+
+def test_a_data_file_that_is_not_utf8_is_refused_by_validate_naming_the_file(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes("Plain text, then a Latin-1 caf".encode() + b"\xe9" + b" and more.\n" * 50)
+    error = _error(tmp_path, {"base": BASE, "data": {"source": "file", "path": str(corpus)}})
+    assert error.startswith(f"{tmp_path / 'params.yaml'}: data.path: ") and "corpus.txt" in error
+    assert "offset 30" in error
+
+
+def test_duplicate_keys_are_refused(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("base: {source: pypi}\nvariants:\n  a: {method: MAW}\n  a: {method: VOW}\n")
+    with pytest.raises(ParamsError, match="line 4: 'a' is given twice"):
+        load_params(path)
