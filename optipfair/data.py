@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 from pathlib import Path
 from typing import Tuple
@@ -36,10 +37,43 @@ def split_topic_names(evaluation_share: float = 0.25) -> Tuple[list, list]:
 
 def text_from_file(path: str) -> str:
     """The UTF-8 text of a local file."""
+    file = _existing_file(path)
+    data = file.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise _not_utf8(path, data[error.start], error.start) from None
+
+
+def check_text_file(path: str) -> None:
+    """Refuse, as `text_from_file` would, a missing or non-UTF-8 file; reads it in chunks, keeps nothing."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    read = 0
+    with open(_existing_file(path), "rb") as file:
+        while True:
+            chunk = file.read(1 << 20)
+            read += len(chunk)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as error:
+                # error.object is the bytes the decoder held back (an unfinished character) + this chunk.
+                raise _not_utf8(path, error.object[error.start], read - len(error.object) + error.start) from None
+            if not chunk:
+                return
+
+
+def _existing_file(path: str) -> Path:
     file = Path(path)
     if not file.is_file():
         raise OptiPFairError(f"text file {path} does not exist")
-    return file.read_text(encoding="utf-8")
+    return file
+
+
+def _not_utf8(path: str, byte: int, offset: int) -> OptiPFairError:
+    return OptiPFairError(
+        f"{path} is not UTF-8 text (byte 0x{byte:02x} at offset {offset}); convert it, e.g. for Latin-1 text: "
+        f"iconv -f latin1 -t utf-8 {path} > {Path(path).stem}.utf8.txt"
+    )
 
 
 def text_from_dataset(name: str, config: str | None = None, split: str = "train", field: str = "text") -> str:

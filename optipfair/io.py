@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import re
+import secrets
 import shutil
+import socket
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
@@ -43,14 +49,18 @@ def load_model(
 ) -> Tuple[torch.nn.Module, Optional[object]]:
     """(model, tokenizer) from a local directory or a Hub id; safetensors weights only.
 
-    The tokenizer is None when the directory has none. Remote code runs only when asked.
+    A local directory is checked first (`verify_checkpoint`). The tokenizer is None when the
+    directory has none. Remote code runs only when asked.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     _check_source(path)
     local = Path(path)
+    if local.is_dir():
+        verify_checkpoint(path, trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
@@ -58,8 +68,8 @@ def load_model(
     except OSError as error:
         where = "" if local.exists() else " (no such local directory, and the Hugging Face Hub could not provide it)"
         raise OptiPFairError(f"could not load a model from {path}{where}: {str(error).splitlines()[0]}") from error
-    except ValueError as error:
-        raise OptiPFairError(f"{path}: {str(error).splitlines()[0]}") from error
+    except (ValueError, SafetensorError) as error:
+        raise OptiPFairError(f"{path}: the weights could not be read: {str(error).splitlines()[0]}") from error
     model.to(device).eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -89,33 +99,179 @@ def _check_source(path: str) -> None:
         raise OptiPFairError(f"model path {path} does not exist")
 
 
+# --- checking a checkpoint before trusting it -------------------------------------------------
+
+SHARD_INDEX = "model.safetensors.index.json"
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def verify_checkpoint(path: str | Path, trust_remote_code: bool = False, label: Optional[str] = None) -> None:
+    """Refuse, in one line naming the file, a model directory whose weights are not complete and whole.
+
+    Checks that every safetensors file is as long as its header says (a truncated copy is the usual
+    fault), that the shard index names only files that exist and tensors that are in them, and that
+    every tensor the architecture in config.json needs is there with its shape. Reads only headers
+    and builds the architecture on the meta device, so it costs well under a second for any size.
+    `label` names the directory in messages (default: the path itself).
+    """
+    folder = Path(path)
+    label = label or str(folder)
+    if not (folder / "config.json").is_file():
+        raise OptiPFairError(f"{label} is not a model directory (no config.json)")
+    shapes: Dict[str, Tuple[Tuple[int, ...], str]] = {}  # tensor -> (shape, file that holds it)
+    for file in _weight_files(folder, label):
+        for tensor, shape in _safetensors_shapes(folder / file, f"{label}/{file}").items():
+            shapes[tensor] = (shape, file)
+    _check_shard_index(folder, label, shapes)
+    _check_tensors_match_config(folder, label, shapes, trust_remote_code)
+
+
+def _weight_files(folder: Path, label: str) -> list:
+    """The safetensors files that hold the weights: those the shard index names, else all of them."""
+    index = folder / SHARD_INDEX
+    if index.is_file():
+        weight_map = _read_shard_index(index, f"{label}/{SHARD_INDEX}")
+        files = sorted(set(weight_map.values()))
+        for file in files:
+            if not (folder / file).is_file():
+                raise OptiPFairError(
+                    f"{label}/{SHARD_INDEX} names {file}, which is not in {label}; the download or copy is incomplete"
+                )
+        return files
+    files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        pickled = sorted(p.name for pattern in PICKLED_WEIGHTS for p in folder.glob(pattern))
+        if pickled:
+            raise OptiPFairError(
+                f"{label} has only pickled weights ({', '.join(pickled)}), which can run code when loaded; only "
+                "safetensors are read: convert them with save_pretrained(..., safe_serialization=True) where you trust them"
+            )
+        raise OptiPFairError(f"{label} has no *.safetensors weights")
+    return files
+
+
+def _read_shard_index(index: Path, label: str) -> Dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise OptiPFairError(f"{label} is not a shard index (no JSON weight_map): {error}") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise OptiPFairError(f"{label}: weight_map must map tensor names to file names")
+    return weight_map
+
+
+def _check_shard_index(folder: Path, label: str, shapes: Dict[str, Tuple[Tuple[int, ...], str]]) -> None:
+    index = folder / SHARD_INDEX
+    if not index.is_file():
+        return
+    for tensor, file in _read_shard_index(index, f"{label}/{SHARD_INDEX}").items():
+        if tensor not in shapes or shapes[tensor][1] != file:
+            raise OptiPFairError(f"{label}/{SHARD_INDEX} puts tensor {tensor} in {file}, which does not hold it")
+
+
+def _safetensors_shapes(file: Path, label: str) -> Dict[str, Tuple[int, ...]]:
+    """{tensor: shape} from a safetensors header, after checking the file is exactly as long as it says."""
+    from safetensors import SafetensorError, safe_open
+
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little") if size >= 8 else 0
+        if not 0 < length <= size - 8:
+            raise OptiPFairError(
+                f"{label} is truncated or not a safetensors file ({size} bytes, header claims {length}); "
+                "copy or download it again"
+            )
+        try:
+            header = json.loads(handle.read(length))
+            header.pop("__metadata__", None)
+            shapes = {name: tuple(info["shape"]) for name, info in header.items()}
+            data_end = max((info["data_offsets"][1] for info in header.values()), default=0)
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+            raise OptiPFairError(f"{label} has a corrupt header: not a safetensors file; copy or download it again") from None
+    held = size - 8 - length
+    if held != data_end:
+        problem = "truncated" if held < data_end else "longer than its header says"
+        raise OptiPFairError(
+            f"{label} is {problem}: its header describes {data_end:,} bytes of tensors, the file holds {held:,}; "
+            "copy or download it again"
+        )
+    try:  # the library's own checks: dtypes against sizes, overlapping tensors
+        with safe_open(str(file), framework="pt") as opened:
+            opened.keys()
+    except SafetensorError as error:
+        raise OptiPFairError(f"{label} is corrupt ({error}); copy or download it again") from None
+    return shapes
+
+
+def _check_tensors_match_config(
+    folder: Path, label: str, shapes: Dict[str, Tuple[Tuple[int, ...], str]], trust_remote_code: bool
+) -> None:
+    """Every tensor the config's architecture needs is in the files, with the shape it needs."""
+    skeleton = load_skeleton(str(folder), trust_remote_code)
+    prefix = f"{skeleton.base_model_prefix}." if skeleton.base_model_prefix else ""
+    # Tied tensors (lm_head = embeddings) are one object under several names; one name in the files is enough.
+    groups: Dict[int, Tuple[torch.Tensor, list]] = {}
+    for name, tensor in skeleton.state_dict(keep_vars=True).items():
+        groups.setdefault(id(tensor), (tensor, []))[1].append(name)
+    missing = []
+    for tensor, names in groups.values():
+        # A checkpoint of the bare base model may store its tensors without the prefix.
+        bare = [name[len(prefix) :] for name in names if prefix and name.startswith(prefix)]
+        found = [name for name in names + bare if name in shapes]
+        if not found:
+            missing.append(names[0])
+        elif shapes[found[0]][0] != tuple(tensor.shape):
+            shape, file = shapes[found[0]]
+            raise OptiPFairError(
+                f"{label}/{file}: tensor {found[0]} has shape {list(shape)}, config.json needs {list(tensor.shape)}; "
+                "the weights and config.json are from different models"
+            )
+    if missing:
+        raise OptiPFairError(
+            f"{label}: {len(missing)} of the {len(groups)} tensors config.json needs are in no safetensors file "
+            f"(first: {missing[0]}); the download or copy is incomplete"
+        )
+
+
+# --- writing outputs --------------------------------------------------------------------------
+
+
 def check_output_path(output_path: str) -> Path:
-    """Refuse to replace anything but a model directory (so a typo cannot delete a user's files)."""
+    """Refuse, before any work, an output path that cannot be written or whose replacement would lose files.
+
+    Only a model directory (one with config.json) is ever replaced, so a typo cannot delete a user's files.
+    """
     target = Path(output_path)
     if target.is_file():
         raise OptiPFairError(f"output path {output_path} is a file; give a directory")
     if target.is_dir() and any(target.iterdir()) and not (target / "config.json").is_file():
         raise OptiPFairError(f"output path {output_path} exists and is not a model directory; choose another path")
+    _check_writable(target)
     return target
 
 
-def save_model(model, tokenizer, output_path: str) -> Path:
-    """Save model (safetensors) and tokenizer to `output_path` atomically.
-
-    Everything is written to a temporary sibling directory that is renamed into place at the
-    end, so an interrupted save never leaves a half-written model that looks valid.
-    """
-    target = check_output_path(output_path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+def _check_writable(target: Path) -> None:
+    """The first existing directory above `target` accepts a new file (so the parents and staging can be made)."""
+    existing = target.parent
+    while not existing.exists():  # false too for a path through a file
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OptiPFairError(f"cannot write {target}: {existing} is a file, not a directory; choose another path")
     try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise OptiPFairError(f"cannot write {target}: {existing} is not writable ({error.strerror}); choose another path") from None
+
+
+def save_model(model, tokenizer, output_path: str) -> Path:
+    """Save model (safetensors) and tokenizer to `output_path` atomically (see `staged_directory`)."""
+    target = check_output_path(output_path)
+    tensors = {id(t): t for t in model.state_dict(keep_vars=True).values()}.values()  # tied ones once, as saved
+    with staged_directory(target, needed_bytes=sum(t.numel() * t.element_size() for t in tensors)) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         if tokenizer is not None:
             save_tokenizer(tokenizer, staging)
-        replace_directory(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 
@@ -129,12 +285,113 @@ def save_tokenizer(tokenizer, directory: Path) -> None:
     tokenizer.save_pretrained(directory)
 
 
+# Staging and replaced directories carry their owner (host and pid), so that a later run can tell
+# the leftovers of a killed process (kill -9, power loss) from the work of a live one.
+_OWNED = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-[0-9a-f]{8}$")
+
+
+def _owned_name(name: str, kind: str) -> str:
+    return f".{name}.{kind}-{_host()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _host() -> str:
+    # Pids mean nothing across machines (a shared or network disk): only this host's leftovers are judged.
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+
+
+@contextmanager
+def staged_directory(target: Path, needed_bytes: Optional[int] = None) -> Iterator[Path]:
+    """A new empty directory beside `target` to fill; it replaces `target` when the block ends normally.
+
+    On any error it is removed, so an interrupted write never leaves a half-written directory that
+    looks finished, nor the previous one damaged. Leftovers of killed runs are removed first. What
+    it holds gets the usual modes. Running out of disk becomes one line that says how much was
+    needed (`needed_bytes`, else what was written) and how much is free.
+    """
+    target = Path(target)
+    _check_writable(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(target.parent)
+    staging = target.with_name(_owned_name(target.name, "tmp"))
+    staging.mkdir()
+    try:
+        yield staging
+        _usual_modes(staging)
+        replace_directory(staging, target)
+    except BaseException as error:
+        written = _size_of(staging)
+        shutil.rmtree(staging, ignore_errors=True)
+        if _is_disk_full(error):
+            raise OptiPFairError(_disk_full_message(target, needed_bytes, written)) from error
+        raise
+
+
 def replace_directory(staging: Path, target: Path) -> None:
     """Move the finished `staging` directory to `target`, replacing what was there."""
     if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        old = target.with_name(_owned_name(target.name, "old"))
         os.replace(target, old)
         os.replace(staging, target)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, target)
+
+
+def remove_stale_staging(parent: Path) -> None:
+    """Remove the staging directories in `parent` left by processes of this host that are gone.
+
+    A `.old-` directory is a model moved aside for its replacement: if the process died before the
+    replacement was moved in, the model is put back instead.
+    """
+    for entry in parent.iterdir():
+        owner = _OWNED.match(entry.name)
+        if not owner or owner["host"] != _host() or _process_alive(int(owner["pid"])) or not entry.is_dir():
+            continue
+        home = parent / owner["name"]
+        if owner["kind"] == "old" and not home.exists():
+            os.replace(entry, home)
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _usual_modes(directory: Path) -> None:
+    """Modes as `mkdir` and `open` give by default: safetensors writes its files private (0600)."""
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    for path in [directory, *directory.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    # safetensors reports ENOSPC as SafetensorError with the OS message, not as an OSError.
+    while error is not None:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _disk_full_message(target: Path, needed_bytes: Optional[int], written: int) -> str:
+    free = shutil.disk_usage(target.parent).free
+    need = f"needs about {_mb(needed_bytes)} MB" if needed_bytes else f"had written {_mb(written)} MB"
+    return f"no space left on device while writing {target} ({need}, {_mb(free)} MB free); free some space or write elsewhere"
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:,.0f}" if size >= 1e6 else f"{size / 1e6:.2f}"
+
+
+def _size_of(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file()) if directory.is_dir() else 0

