@@ -15,7 +15,7 @@ from typing import Any, Dict
 
 import yaml
 
-from optipfair.data import text_from_file
+from optipfair.data import check_text_file
 from optipfair.errors import OptiPFairError, OptionError
 from optipfair.pruning.options import (
     DEFAULT_CALIBRATION_SEQ_LEN,
@@ -194,7 +194,7 @@ def _check_text_file(path, field: str, where: str) -> None:
     if not isinstance(path, str) or not Path(path).expanduser().is_file():
         raise _fail(where, field, f"{path} is not a file; give the path of a UTF-8 text file")
     try:
-        text_from_file(str(Path(path).expanduser()))
+        check_text_file(str(Path(path).expanduser()))
     except OptiPFairError as error:
         raise _fail(where, field, str(error)) from None
 
