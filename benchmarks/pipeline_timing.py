@@ -1,7 +1,7 @@
 """Wall time of the default pipeline from a fresh clone: every stage, the total, and a no-op re-run.
 
-    python benchmarks/pipeline_timing.py            # clones this repository's HEAD into a temp dir
-    python benchmarks/pipeline_timing.py --keep     # keep the clone to look at its outputs
+    python -m benchmarks.pipeline_timing            # clones this repository's HEAD into a temp dir
+    python -m benchmarks.pipeline_timing --keep     # keep the clone to look at its outputs
 
 The clone has an empty DVC cache, its own MLflow store and no pip cache (PIP_NO_CACHE_DIR), so the
 base model really is downloaded and converted. `dvc repro --force` runs every stage even where the
@@ -47,7 +47,7 @@ def run_timed(command: list, cwd: Path, env: dict) -> tuple[float, dict, str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.pipeline_timing", description=__doc__.splitlines()[0])
     parser.add_argument("--keep", action="store_true", help="keep the clone and print its path")
     parser.add_argument("--noop-runs", type=int, default=3, help="how many no-op `dvc repro` to time (median)")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")

@@ -5,16 +5,20 @@ saves it, and the parent evaluates the saved model with stock transformers:
 
 - in-domain perplexity: the evaluation part of Python's docs (`default_texts()[1]`), which
   the calibration part never shares a topic with;
-- out-of-domain perplexity: legal English, the license texts in /usr/share/common-licenses
-  (present on Debian/Ubuntu machines and CI runners);
+- out-of-domain perplexity: legal English, every license text in /usr/share/common-licenses
+  (present on Debian/Ubuntu machines and CI runners; not the pipeline's pipeline/out_of_domain.txt);
 - prune time (wall clock of pruning alone) and the pruning process's peak RSS.
 
 The baseline row "0.4.2 data-driven" is the real OptiPFair 0.4.2 `prune_model(...,
 neuron_selection_method="MAW", dataloader=...)`, run from its extracted wheel (`--reference`,
 put first on PYTHONPATH) on the same calibration windows, side by side with this library.
 
-    python benchmarks/quality.py                 # full table: ~1 h on 2 CPU cores
-    python benchmarks/quality.py --quick         # 20 % only, small token budgets: a few minutes
+From the repository root, after `dvc repro download` (the default model is models/base):
+
+    python -m pip download optipfair==0.4.2 --no-deps -d /tmp/wheel
+    python -m zipfile -e /tmp/wheel/optipfair-0.4.2-py3-none-any.whl benchmarks/reference
+    python -m benchmarks.quality                 # full table: ~1 h on 2 CPU cores
+    python -m benchmarks.quality --quick         # 20 % only, small token budgets: a few minutes
 
 Writes benchmarks/results/quality.md and quality.json (quick runs: quality_quick.*).
 """
@@ -32,9 +36,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
-LICENSES = Path("/usr/share/common-licenses")
+from benchmarks.common import DEFAULT_MODEL, LICENSES_LABEL, RESULTS, ROOT, benchmark_windows, command, require_model, shown
+
+# The extracted OptiPFair 0.4.2 wheel (see the docstring); ignored by git.
+DEFAULT_REFERENCE = ROOT / "benchmarks" / "reference"
 # Method name -> how to prune. "REF" is OptiPFair 0.4.2's data-driven mode.
 METHODS = ("MAW", "VOW", "PON", "REF", "ACT", "OBS", "OBS-norefit")
 LABELS = {
@@ -43,27 +48,6 @@ LABELS = {
     "OBS": "OBS + refit (default, AUTO)",
     "OBS-norefit": "OBS without refit",
 }
-
-
-def out_of_domain_text() -> str:
-    """Legal English: every license text once (the GPL/LGPL/GFDL links repeat versioned files)."""
-    files = sorted(p for p in LICENSES.iterdir() if p.is_file() and not p.is_symlink())
-    if not files:
-        raise SystemExit(f"no license texts in {LICENSES}: pass --ood-file")
-    return "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in files)
-
-
-def benchmark_windows(tokenizer, calibration_tokens: int, eval_tokens: int, seq_len: int, ood_file=None):
-    """(calibration windows, {"in_domain": ..., "out_of_domain": ...}): the token windows every benchmark row uses."""
-    from optipfair.data import default_texts, text_from_file, token_windows
-
-    calibration_text, evaluation_text = default_texts()
-    ood_text = text_from_file(ood_file) if ood_file else out_of_domain_text()
-    windows = {
-        "in_domain": token_windows(tokenizer, evaluation_text, eval_tokens, seq_len),
-        "out_of_domain": token_windows(tokenizer, ood_text, eval_tokens, seq_len),
-    }
-    return token_windows(tokenizer, calibration_text, calibration_tokens, seq_len), windows
 
 
 def _peak_rss_mib() -> float:
@@ -100,15 +84,21 @@ def worker(job: dict) -> None:
     print(json.dumps({"prune_seconds": seconds, "peak_rss_mib": _peak_rss_mib(), "package": optipfair.__file__}))
 
 
-def run_job(job: dict, reference: str) -> dict:
+def run_job(job: dict, reference: Path, scratch: str) -> dict:
     env = dict(os.environ)
-    # The reference wheel must win `import optipfair`; this library otherwise.
-    env["PYTHONPATH"] = reference if job["method"] == "REF" else str(ROOT)
-    result = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], env=env,
-                            capture_output=True, text=True)
+    # The reference wheel must win `import optipfair`, this repository's library otherwise; the
+    # worker runs in the scratch directory so the current directory cannot shadow either.
+    package = reference if job["method"] == "REF" else ROOT
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([str(package), str(ROOT)]))
+    result = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--worker", json.dumps(job)], env=env,
+                            cwd=scratch, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{job['method']} {job['percentage']}% failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    if not Path(row["package"]).resolve().is_relative_to(package.resolve()):
+        raise SystemExit(f"{job['method']} imported optipfair from {row['package']}, not from {package}")
+    row["package"] = shown(row["package"])
+    return row
 
 
 def evaluate(path, windows: dict) -> dict:
@@ -125,11 +115,11 @@ def markdown(rows: list, setup: dict) -> str:
     base = next(r for r in rows if r["method"] == "base")
     refs = {r["percentage"]: r for r in rows if r["method"] == "REF"}
     lines = [
-        "# Pruning quality: SmolLM2-135M-Instruct" if "smollm2" in setup["model"].lower() else "# Pruning quality",
+        f"# Pruning quality: {setup['model']}",
         "",
         f"Model `{setup['model']}`; calibration: {setup['calibration_tokens']} tokens of Python's docs "
         f"(calibration topics); in-domain eval: {setup['eval_tokens']} tokens of the held-out doc topics; "
-        f"out-of-domain eval: {setup['ood_tokens']} tokens of license texts ({LICENSES}). "
+        f"out-of-domain eval: {setup['ood_tokens']} tokens of {setup['ood_text']}. "
         f"Windows of {setup['seq_len']} tokens, float32, {setup['threads']} CPU threads. "
         f"Base perplexity: in-domain {base['in_domain']:.3f}, out-of-domain {base['out_of_domain']:.3f}.",
         "",
@@ -159,7 +149,7 @@ def _kept_rows(path: Path, setup: dict, args) -> list:
     if not path.exists():
         return []
     earlier = json.loads(path.read_text())
-    same = ("model", "calibration_tokens", "eval_tokens", "ood_tokens", "seq_len")
+    same = ("model", "calibration_tokens", "eval_tokens", "ood_tokens", "ood_text", "seq_len")
     if any(earlier["setup"][k] != setup[k] for k in same):
         raise SystemExit(f"--keep: {path} was measured with other settings {earlier['setup']}")
     redo = {(m, p) for m in args.methods for p in args.percentages}
@@ -167,9 +157,12 @@ def _kept_rows(path: Path, setup: dict, args) -> list:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="/work/cache/smollm2-135m", help="local model directory")
-    parser.add_argument("--reference", default="/work/cache/ref", help="extracted OptiPFair 0.4.2 wheel")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+                        help="local model directory (default: models/base, the pipeline's base model)")
+    parser.add_argument("--reference", type=Path, default=DEFAULT_REFERENCE,
+                        help="extracted OptiPFair 0.4.2 wheel, for the REF rows (default: benchmarks/reference)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--percentages", type=float, nargs="+", default=[10, 20, 30, 40])
     parser.add_argument("--calibration-tokens", type=int, default=65536)
@@ -188,21 +181,26 @@ def main() -> None:
     if args.quick:
         args.percentages, args.calibration_tokens, args.eval_tokens = [20], 8192, 4096
         args.methods = [m for m in args.methods if m not in ("VOW", "PON")]
+    require_model(args.model)
+    if "REF" in args.methods and not (args.reference / "optipfair" / "__init__.py").is_file():
+        raise SystemExit(f"--reference {args.reference}: no OptiPFair 0.4.2 there; extract its wheel there "
+                         "(see `python -m benchmarks.quality --help`) or leave REF out of --methods")
 
     from transformers import AutoTokenizer
 
     torch.set_num_threads(args.threads)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(str(args.model))
     calibration, windows = benchmark_windows(tokenizer, args.calibration_tokens, args.eval_tokens, args.seq_len,
                                              args.ood_file)
     setup = {
-        "model": args.model,
+        "model": shown(args.model),
         "calibration_tokens": calibration.numel(),
         "eval_tokens": windows["in_domain"].numel(),
         "ood_tokens": windows["out_of_domain"].numel(),
+        "ood_text": shown(args.ood_file) if args.ood_file else LICENSES_LABEL,
         "seq_len": args.seq_len,
         "threads": args.threads,
-        "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:]),
+        "command": command("benchmarks.quality"),
     }
     stem = args.name or ("quality_quick" if args.quick else "quality")
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -213,13 +211,14 @@ def main() -> None:
         rows = _kept_rows(RESULTS / f"{stem}.json", setup, args) if args.keep else []
         if not any(r["method"] == "base" for r in rows):
             rows.insert(0, {"method": "base", "percentage": 0, "prune_seconds": 0.0, "peak_rss_mib": 0.0,
-                            **evaluate(args.model, windows)})
+                            **evaluate(str(args.model), windows)})
         print(f"base: {rows[0]}", flush=True)
         for percentage in args.percentages:
             for method in args.methods:
-                job = {"model": args.model, "method": method, "percentage": percentage, "threads": args.threads,
-                       "calibration": str(calibration_file), "output": str(Path(scratch) / "pruned")}
-                row = {"method": method, "percentage": percentage, **run_job(job, args.reference)}
+                job = {"model": str(args.model.resolve()), "method": method, "percentage": percentage,
+                       "threads": args.threads, "calibration": str(calibration_file),
+                       "output": str(Path(scratch) / "pruned")}
+                row = {"method": method, "percentage": percentage, **run_job(job, args.reference, scratch)}
                 row.update(evaluate(job["output"], windows))
                 rows.append(row)
                 print(json.dumps(row), flush=True)

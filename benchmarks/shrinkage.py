@@ -1,10 +1,12 @@
 """What does the `shrinkage` knob trade? AUTO (OBS + refit) at several shrinkages, in and out of domain.
 
-Same model, calibration windows and evaluation windows as benchmarks/quality.py (so its default
-rows, shrinkage 0.1, reproduce that table's OBS rows), pruned in this process one setting at a time:
+Same model (default models/base), calibration windows and evaluation windows as benchmarks/quality.py
+(out of domain: every license text in /usr/share/common-licenses), so its default rows, shrinkage
+0.1, reproduce that table's OBS rows; pruned in this process one setting at a time. From the
+repository root:
 
-    python benchmarks/shrinkage.py                          # 10/20/40 % x shrinkage 0/0.1/0.3/0.6: ~30 min
-    python benchmarks/shrinkage.py --percentages 20 --shrinkages 0 0.1
+    python -m benchmarks.shrinkage                          # 10/20/40 % x shrinkage 0/0.1/0.3/0.6: ~30 min
+    python -m benchmarks.shrinkage --percentages 20 --shrinkages 0 0.1
 
 Writes benchmarks/results/shrinkage.md and shrinkage.json.
 """
@@ -14,24 +16,25 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import quality  # noqa: E402  (the sibling benchmark: same texts and windows)
+from benchmarks.common import DEFAULT_MODEL, LICENSES_LABEL, RESULTS, benchmark_windows, command, require_model, shown
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="/work/cache/smollm2-135m", help="local model directory")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.shrinkage", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+                        help="local model directory (default: models/base, the pipeline's base model)")
     parser.add_argument("--percentages", type=float, nargs="+", default=[10, 20, 40])
     parser.add_argument("--shrinkages", type=float, nargs="+", default=[0, 0.1, 0.3, 0.6])
     parser.add_argument("--calibration-tokens", type=int, default=65536)
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    require_model(args.model)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -39,9 +42,9 @@ def main() -> None:
     from optipfair.evaluation.perplexity import perplexity
 
     torch.set_num_threads(args.threads)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    calibration, windows = quality.benchmark_windows(tokenizer, args.calibration_tokens, args.eval_tokens, 512)
-    dense = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(args.model))
+    calibration, windows = benchmark_windows(tokenizer, args.calibration_tokens, args.eval_tokens, 512)
+    dense = AutoModelForCausalLM.from_pretrained(str(args.model), dtype=torch.float32).eval()
     base = {name: perplexity(dense, w) for name, w in windows.items()}
     rows = []
     for percentage in args.percentages:
@@ -55,11 +58,11 @@ def main() -> None:
             del model
 
     lines = [
-        "# AUTO (OBS + refit) by shrinkage: SmolLM2-135M-Instruct",
+        f"# AUTO (OBS + refit) by shrinkage: {shown(args.model)}",
         "",
         f"Same setup as quality.md: {calibration.numel()} calibration tokens of Python's docs; perplexity on "
         f"{windows['in_domain'].numel()} held-out doc tokens (in domain, base {base['in_domain']:.3f}) and "
-        f"{windows['out_of_domain'].numel()} tokens of license texts (out of domain, base {base['out_of_domain']:.3f}).",
+        f"{windows['out_of_domain'].numel()} tokens of {LICENSES_LABEL} (out of domain, base {base['out_of_domain']:.3f}).",
         "",
         "| pruned % | shrinkage | in-domain ppl | ratio | out-of-domain ppl | ratio |",
         "|---|---|---|---|---|---|",
@@ -71,10 +74,10 @@ def main() -> None:
             f"| {r['in_domain'] / base['in_domain']:.3f} | {r['out_of_domain']:.3f} "
             f"| {r['out_of_domain'] / base['out_of_domain']:.3f} |"
         )
-    lines += ["", f"Reproduce: `{' '.join(['python benchmarks/shrinkage.py', *sys.argv[1:]])}`", ""]
-    quality.RESULTS.mkdir(parents=True, exist_ok=True)
-    (quality.RESULTS / "shrinkage.json").write_text(json.dumps({"base": base, "rows": rows}, indent=2))
-    (quality.RESULTS / "shrinkage.md").write_text("\n".join(lines))
+    lines += ["", f"Reproduce: `{command('benchmarks.shrinkage')}`", ""]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "shrinkage.json").write_text(json.dumps({"base": base, "rows": rows}, indent=2))
+    (RESULTS / "shrinkage.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 

@@ -4,8 +4,8 @@ Times one Llama-style MLP (gate/up/down) of a given shape at the full width and 
 width, side by side in one run, and prints the speed ratio against the full MLP next to the ideal
 (FLOP) ratio. Default shape: Llama-3.2-1B (hidden 2048, intermediate 8192).
 
-    python benchmarks/width_speed.py                       # CPU, float32
-    python benchmarks/width_speed.py --device cuda --dtype bfloat16 --tokens 4096
+    python -m benchmarks.width_speed                       # CPU, float32 (from the repository root)
+    python -m benchmarks.width_speed --device cuda --dtype bfloat16 --tokens 4096
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def seconds_per_call(mlp: nn.Module, x: torch.Tensor, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.width_speed", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--intermediate", type=int, default=8192)
     parser.add_argument("--tokens", type=int, default=512, help="rows per forward (batch x sequence)")

@@ -1,0 +1,49 @@
+"""The benchmarks still parse their arguments and run, and their committed results name no machine path."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from benchmarks import common, pipeline_timing, quality, shrinkage, width_speed
+
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+
+
+@pytest.mark.parametrize("module", [quality, shrinkage, width_speed, pipeline_timing])
+def test_every_benchmark_prints_its_usage(module, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", [module.__name__, "--help"])
+    with pytest.raises(SystemExit) as done:
+        module.main()
+    assert done.value.code == 0
+    assert f"python -m {module.__name__}" in capsys.readouterr().out
+
+
+def test_width_speed_times_every_width(monkeypatch, capsys):
+    argv = ["width_speed", "--hidden", "32", "--intermediate", "256", "--tokens", "8", "--repeats", "1",
+            "--percentages", "20", "40", "--round-to", "64", "--json"]
+    monkeypatch.setattr("sys.argv", argv)
+    width_speed.main()
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [(r["pruning_percentage"], r["round_to"]) for r in rows] == [(20, None), (20, 64), (40, None), (40, 64)]
+    assert all(r["width"] % 64 == 0 for r in rows if r["round_to"])
+    assert all(r["speedup"] > 0 for r in rows)
+
+
+def test_a_missing_model_is_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["shrinkage", "--model", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--model .*: no model there .*dvc repro download"):
+        shrinkage.main()
+
+
+def test_results_show_paths_relative_to_the_repository(tmp_path):
+    assert common.shown(common.ROOT / "models" / "base") == "models/base"
+    assert common.shown(tmp_path / "my-model") == "my-model"
+
+
+@pytest.mark.parametrize("path", sorted(RESULTS.glob("*.*")), ids=lambda p: p.name)
+def test_committed_results_name_no_machine_path(path):
+    # The one absolute path allowed names the system's license texts, the out-of-domain text itself.
+    absolute = re.findall(r"(?<![\w./-])/[\w.-]+(?:/[\w.-]*[\w-])+", path.read_text(encoding="utf-8"))
+    assert [p for p in absolute if p != str(common.LICENSES)] == []
