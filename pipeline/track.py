@@ -5,6 +5,13 @@ its measurement (variant fields, base source, data, evaluation settings). Syncin
 that key and updates it, so re-running an unchanged pipeline never makes duplicates, and a sync
 that failed half way is completed by the next one (a run is marked complete only at its end).
 
+DVC runs this stage on every `dvc repro` (`always_changed` in dvc.yaml): DVC cannot see the store
+(MLFLOW_TRACKING_URI, or runs deleted or logged elsewhere), and restoring the stage from its run
+cache would leave MLflow behind the outputs. Syncing is therefore cheap and idempotent: a run whose
+outputs did not change since its last complete sync is left alone, an updated run gets a new metric
+point only for a value that changed, and the ledger written holds no per-sync state, so an unchanged
+pipeline leaves reports/mlflow_runs.json and dvc.lock byte for byte as they were.
+
 MLflow is optional to the artefacts: every DVC output exists before this stage runs, and a failure
 here says so and leaves them alone. Only this module imports MLflow; the library never does.
 """
@@ -13,10 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import subprocess
 import time
-from typing import Dict
+from contextlib import contextmanager
+from typing import Dict, Iterator
 
 from optipfair.errors import OptiPFairError
 from pipeline import layout
@@ -26,6 +35,15 @@ from pipeline.report import PLOT_FILES, collect
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 KEY_TAG = "optipfair.run_key"
 COMPLETE_TAG = "optipfair.synced_sha256"
+# MLflow's own HTTP defaults (7 retries, backoff factor 2, 120 s per request) keep retrying a tracking
+# server that is down for 4 min 17 s in silence, a budget meant for rate-limited shared servers. This
+# stage sends a few small requests, so it gives up after 3 tries: a refused connection fails in ~4 s,
+# a server that accepts and never answers in under 30 s (3 x 8 s + backoff). A value the user set wins.
+HTTP_PATIENCE = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "8",
+}
 
 
 class TrackingError(OptiPFairError):
@@ -38,20 +56,41 @@ def tracking_uri() -> str:
 
 
 def run(params: Params) -> Dict[str, dict]:
-    """Create or update one MLflow run per model; write reports/mlflow_runs.json; return it."""
+    """Create or update one MLflow run per model and write reports/mlflow_runs.json.
+
+    Returns model -> {run_id, run_key, status}; status (created, updated or unchanged) says what this
+    sync did and is not written to the file, which only names each model's run.
+    """
     uri = tracking_uri()
     metrics = collect(params)  # a missing metrics file is a pipeline problem, not a tracking one
     try:
-        ledger = _sync(params, metrics, uri)
+        with _http_patience():
+            ledger = _sync(params, metrics, uri)
     except Exception as error:  # the store can fail in many ways (locked db, server down, bad URI)
         first_line = (str(error).splitlines() or [""])[0]
+        patience = ""
+        if uri.startswith(("http:", "https:")):
+            patience = " (MLFLOW_HTTP_REQUEST_MAX_RETRIES and MLFLOW_HTTP_REQUEST_TIMEOUT set how long it waits)"
         raise TrackingError(
             f"MLflow tracking at {uri} failed ({type(error).__name__}: {first_line}). Models, metrics and the "
-            "report are built and kept; fix the store (or MLFLOW_TRACKING_URI) and run `dvc repro` again: only "
-            "the track stage re-runs and logs what was missed"
+            "report are built and kept; fix the store (or MLFLOW_TRACKING_URI) and run `dvc repro` again: the "
+            f"track stage logs what was missed{patience}"
         ) from None
-    layout.write_json_atomic(layout.TRACKED_RUNS, ledger)
+    written = {model: {"run_id": entry["run_id"], "run_key": entry["run_key"]} for model, entry in ledger.items()}
+    layout.write_json_atomic(layout.TRACKED_RUNS, written)
     return ledger
+
+
+@contextmanager
+def _http_patience() -> Iterator[None]:
+    """Apply HTTP_PATIENCE to the MLflow variables the user left unset, for the duration of a sync."""
+    missing = [name for name in HTTP_PATIENCE if name not in os.environ]
+    os.environ.update({name: HTTP_PATIENCE[name] for name in missing})
+    try:
+        yield
+    finally:
+        for name in missing:
+            os.environ.pop(name, None)
 
 
 def run_key(params: Params, name: str) -> str:
@@ -112,19 +151,26 @@ def _sync(params: Params, all_metrics: Dict[str, dict], uri: str) -> Dict[str, d
         content_sha = hashlib.sha256(b"".join(hashlib.sha256(p.read_bytes()).digest() for p in artifacts)).hexdigest()
         key = run_key(params, model)
         found = client.search_runs([experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{key}'", max_results=1)
+        values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         if found:
             run_id = found[0].info.run_id
             if found[0].data.tags.get(COMPLETE_TAG) == content_sha:
                 ledger[model] = {"run_id": run_id, "run_key": key, "status": "unchanged"}
                 continue
             status = "updated"
+            # A metric's history is the values it took: a re-measured value is the next step, an equal
+            # value (the run was updated for another file, e.g. the report) adds no point.
+            latest = found[0].data.metrics
+            values = {k: v for k, v in values.items() if not _same(latest.get(k), v)}
+            steps = {k: _next_step(client, run_id, k) if k in latest else 0 for k in values}
         else:
             run_id = client.create_run(experiment_id, run_name=model, tags={KEY_TAG: key}).info.run_id
             status = "created"
+            steps = dict.fromkeys(values, 0)
         timestamp = int(time.time() * 1000)
         client.log_batch(
             run_id,
-            metrics=[Metric(k, float(v), timestamp, 0) for k, v in metrics.items() if isinstance(v, (int, float))],
+            metrics=[Metric(k, v, timestamp, steps[k]) for k, v in values.items()],
             params=[Param(k, v) for k, v in run_params(params, model).items()],
             tags=[
                 RunTag("git_commit", commit),
@@ -140,3 +186,13 @@ def _sync(params: Params, all_metrics: Dict[str, dict], uri: str) -> Dict[str, d
         client.set_terminated(run_id)
         ledger[model] = {"run_id": run_id, "run_key": key, "status": status}
     return ledger
+
+
+def _same(logged, value: float) -> bool:
+    """Whether MLflow's latest value `logged` (None: never logged) is `value`; NaN equals NaN."""
+    return logged is not None and (logged == value or (math.isnan(logged) and math.isnan(value)))
+
+
+def _next_step(client, run_id: str, key: str) -> int:
+    """The step after the last point of metric `key` of the run."""
+    return max(point.step for point in client.get_metric_history(run_id, key)) + 1

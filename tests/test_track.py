@@ -1,0 +1,262 @@
+"""The track stage: MLflow always ends up matching the outputs on disk, once per configuration.
+
+Real MLflow stores (SQLite files) and real processes throughout; the DVC case is a real `dvc repro`
+in a temporary git repository on a tiny model, as a user runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import layout, track
+from pipeline.params import load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+EXPERIMENT = "track-test"
+
+# Params of an in-process project: the base is named by a pinned hub revision (never fetched here).
+PARAMS = {
+    "base": {"source": "hf", "repo_id": "org/model", "revision": "a" * 40},
+    "evaluate": {"num_tokens": 256, "seq_len": 64},
+    "tracking": {"experiment": EXPERIMENT},
+    "variants": {
+        "maw-25": {"method": "MAW", "pruning_percentage": 25},
+        "vow-50": {"method": "VOW", "pruning_percentage": 50},
+    },
+}
+METRICS = {"perplexity": 12.5, "parameters": 1000, "size_mb": 2.0}
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(DVC_NO_ANALYTICS="1", HF_HUB_OFFLINE="1", PATH=f"{BIN}{os.pathsep}{env['PATH']}", **extra)
+    return env
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _runs(uri: str) -> dict:
+    """run name -> run of the test experiment in store `uri`; fails on a duplicated run key."""
+    client = _client(uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id], max_results=100) if experiment else []
+    keys = [run.data.tags[track.KEY_TAG] for run in runs]
+    assert len(keys) == len(set(keys)), f"duplicate MLflow runs: {[run.info.run_name for run in runs]}"
+    return {run.info.run_name: run for run in runs}
+
+
+def _points(uri: str) -> dict:
+    """(run name, metric) -> [(step, value), ...]: every metric point logged in store `uri`."""
+    client = _client(uri)
+    return {
+        (name, key): [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+        for name, run in _runs(uri).items()
+        for key in run.data.metrics
+    }
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A project directory with params.yaml and the outputs track reads, as the earlier stages leave them."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS, sort_keys=False))
+    for name in ("base", *PARAMS["variants"]):
+        layout.write_json_atomic(layout.metrics_file(name), METRICS)
+    layout.write_text_atomic(layout.SUMMARY, "# Pruning summary\n")
+    layout.write_json_atomic(layout.ANALYSIS, {"num_layers": 2})
+    return tmp_path
+
+
+def _track(uri: str) -> dict:
+    """Run the track stage in-process on store `uri` and return its ledger."""
+    # An absolute URI: MLflow keeps one store per URI string, so a relative sqlite:///mlflow.db would
+    # stay bound to the file of an earlier test's directory (a stage runs in its own process instead).
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        return track.run(load_params("params.yaml"))
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def test_run_key_is_the_same_across_processes_and_changes_only_with_its_own_variant(project):
+    params = load_params("params.yaml")
+    keys = {name: track.run_key(params, name) for name in params.model_names()}
+    # Another interpreter (another hash seed) derives the same keys from the same params file.
+    script = ("import json; from pipeline import track; from pipeline.params import load_params; "
+              "p = load_params('params.yaml'); print(json.dumps({n: track.run_key(p, n) for n in p.model_names()}))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                          env=_env(PYTHONPATH=str(ROOT), PYTHONHASHSEED="123"))
+    assert json.loads(done.stdout) == keys
+    assert len(set(keys.values())) == 3
+
+    edited = json.loads(json.dumps(PARAMS))
+    edited["variants"]["vow-50"]["round_to"] = 8  # one field of one variant
+    (project / "params.yaml").write_text(yaml.safe_dump(edited, sort_keys=False))
+    params = load_params("params.yaml")
+    assert track.run_key(params, "vow-50") != keys["vow-50"]
+    assert track.run_key(params, "maw-25") == keys["maw-25"] and track.run_key(params, "base") == keys["base"]
+
+
+def test_resync_of_unchanged_outputs_creates_no_run_and_logs_no_point(project):
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    first = _track(uri)
+    assert {entry["status"] for entry in first.values()} == {"created"}
+    runs, points = _runs(uri), _points(uri)
+    assert set(runs) == {"base", "maw-25", "vow-50"}
+    assert all(history == [(0, METRICS[key])] for (_, key), history in points.items())
+    written = (project / layout.TRACKED_RUNS).read_bytes()
+
+    second = _track(uri)
+    assert {entry["status"] for entry in second.values()} == {"unchanged"}
+    assert {name: run.info.run_id for name, run in _runs(uri).items()} == {n: r.info.run_id for n, r in runs.items()}
+    assert _points(uri) == points
+    # The ledger holds no per-sync state, so an unchanged sync leaves it (and dvc.lock) byte for byte.
+    assert (project / layout.TRACKED_RUNS).read_bytes() == written
+
+
+def test_an_updated_metric_appends_one_point_and_unchanged_ones_none(project):
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    _track(uri)
+    before = _points(uri)
+    layout.write_json_atomic(layout.metrics_file("vow-50"), {**METRICS, "perplexity": 14.0})
+    # The report changed too: every run shows it, so every run is updated, but only one value moved.
+    layout.write_text_atomic(layout.SUMMARY, "# Pruning summary\n\nvow-50 re-measured\n")
+    ledger = _track(uri)
+    assert {name: entry["status"] for name, entry in ledger.items()} == dict.fromkeys(ledger, "updated")
+    after = _points(uri)
+    assert after.pop(("vow-50", "perplexity")) == [(0, 12.5), (1, 14.0)]
+    before.pop(("vow-50", "perplexity"))
+    assert after == before
+    assert _runs(uri)["vow-50"].data.metrics["perplexity"] == 14.0
+
+
+def test_a_new_tracking_store_gets_everything_logged(project, tmp_path_factory):
+    _track(f"sqlite:///{project / 'mlflow.db'}")
+    other = f"sqlite:///{tmp_path_factory.mktemp('other') / 'mlflow.db'}"
+    ledger = _track(other)
+    runs = _runs(other)
+    assert set(runs) == {"base", "maw-25", "vow-50"}
+    assert {name: entry["run_id"] for name, entry in ledger.items()} == {n: r.info.run_id for n, r in runs.items()}
+    assert runs["maw-25"].data.metrics == METRICS
+    assert runs["maw-25"].data.params["variant.pruning_percentage"] == "25"
+    assert json.loads((project / layout.TRACKED_RUNS).read_text())["base"]["run_id"] == runs["base"].info.run_id
+
+
+def test_unreachable_tracking_server_fails_within_30_s_with_one_line_and_touches_nothing(project):
+    before = {path: path.read_bytes() for path in project.rglob("*") if path.is_file()}
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "track"], cwd=project, capture_output=True, text=True,
+                          env=_env(PYTHONPATH=str(ROOT), MLFLOW_TRACKING_URI="http://127.0.0.1:9"), timeout=120)
+    elapsed = time.monotonic() - started
+    assert done.returncode == 2, done.stderr
+    assert elapsed < 30, f"took {elapsed:.0f} s"
+    assert done.stderr.startswith("optipfair-pipeline: error: MLflow tracking at http://127.0.0.1:9 failed")
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert {path: path.read_bytes() for path in project.rglob("*") if path.is_file()} == before
+
+
+def test_http_patience_keeps_what_the_user_set_and_is_undone_after_the_sync(monkeypatch):
+    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "9")
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
+    with track._http_patience():
+        assert MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == 9 and MLFLOW_HTTP_REQUEST_TIMEOUT.get() == 8
+    assert MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == 9 and "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ
+
+
+# --- The same guarantees through `dvc repro` ---------------------------------------------------------
+
+def _repro(project: Path, **env) -> set:
+    """Run `dvc repro` (it must succeed); return the names of the stages whose command ran."""
+    done = subprocess.run([str(BIN / "dvc"), "repro"], cwd=project, capture_output=True, text=True, env=_env(**env))
+    assert done.returncode == 0, done.stdout + done.stderr
+    return set(re.findall(r"Running stage '([^']+)'", done.stdout + done.stderr))
+
+
+def _dvc_project(root: Path, model_dir: Path) -> Path:
+    """A git + DVC repository holding this checkout's pipeline and library, on a tiny model, one variant."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for folder in ("pipeline", "optipfair"):
+        shutil.copytree(ROOT / folder, root / folder, ignore=ignore)
+    for file in ("dvc.yaml", ".dvcignore", "benchmarks/results/quality.md"):
+        (root / file).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / file, root / file)
+    (root / ".gitignore").write_text("*.db\nmlruns/\nmlartifacts/\n__pycache__/\n")
+    params = {
+        "base": {"source": "local", "path": str(model_dir)},
+        "data": {"source": "default"},
+        "calibration": {"num_tokens": 256, "seq_len": 64},
+        "evaluate": {"num_tokens": 256, "seq_len": 64, "max_new_tokens": 4, "num_runs": 1, "warmup_runs": 0},
+        "tracking": {"experiment": EXPERIMENT},
+        "variants": {"maw-25": {"method": "MAW", "pruning_percentage": 25}},
+    }
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for command in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.com"],
+                    ["git", "config", "user.name", "t"], [str(BIN / "dvc"), "init", "-q"], ["git", "add", "-A"],
+                    ["git", "commit", "-q", "-m", "pipeline"]):
+        subprocess.run(command, cwd=root, check=True, capture_output=True, env=_env())
+    return root
+
+
+def _in_step(project: Path, uri: str) -> None:
+    """MLflow at `uri` holds exactly what is on disk: the ledger's runs, their metrics, the current report."""
+    ledger = json.loads((project / layout.TRACKED_RUNS).read_text())
+    runs = _runs(uri)
+    assert set(ledger) == {"base", "maw-25"} <= set(runs)
+    client = _client(uri)
+    for name, entry in ledger.items():
+        run = runs[name]
+        assert entry["run_id"] == run.info.run_id
+        on_disk = json.loads((project / layout.metrics_file(name)).read_text())
+        assert run.data.metrics["perplexity"] == on_disk["perplexity"]
+        with tempfile.TemporaryDirectory() as folder:
+            logged = Path(client.download_artifacts(run.info.run_id, str(layout.SUMMARY), folder)).read_text()
+        assert logged == (project / layout.SUMMARY).read_text(), f"{name} shows a stale report"
+    for history in _points(uri).values():
+        assert len(history) == 1, history  # nothing was re-measured, so no metric has a second point
+
+
+def test_dvc_repro_keeps_mlflow_matching_the_outputs(tmp_path, tiny_model_dir):
+    project = _dvc_project(tmp_path / "project", tiny_model_dir)
+    default = f"sqlite:///{project / 'mlflow.db'}"
+    assert "track" in _repro(project)
+    _in_step(project, default)
+
+    # Drop the variants, then bring them back: DVC restores the variant's stages from its run cache,
+    # but track must run (not be restored) and bring MLflow back to the restored report.
+    params_file = project / "params.yaml"
+    kept = params_file.read_text()
+    params_file.write_text(yaml.safe_dump({**yaml.safe_load(kept), "variants": {}}, sort_keys=False))
+    _repro(project)
+    params_file.write_text(kept)
+    assert "track" in _repro(project)
+    _in_step(project, default)
+
+    # Nothing changed: track runs (it cannot know the store is unchanged) and rewrites no file.
+    lock, ledger = (project / "dvc.lock").read_bytes(), (project / layout.TRACKED_RUNS).read_bytes()
+    assert _repro(project) == {"track"}
+    assert (project / "dvc.lock").read_bytes() == lock and (project / layout.TRACKED_RUNS).read_bytes() == ledger
+    _in_step(project, default)
+
+    # A new store (DVC cannot see the variable) gets every model.
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    assert _repro(project, MLFLOW_TRACKING_URI=other) == {"track"}
+    _in_step(project, other)
