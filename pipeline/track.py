@@ -21,7 +21,8 @@ from typing import Dict
 from optipfair.errors import OptiPFairError
 from pipeline import layout
 from pipeline.params import BASE_NAME, Params
-from pipeline.report import PLOT_FILES, collect
+from pipeline.layout import PLOT_FILES
+from pipeline.results import collect, with_ratios
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 KEY_TAG = "optipfair.run_key"
@@ -40,7 +41,7 @@ def tracking_uri() -> str:
 def run(params: Params) -> Dict[str, dict]:
     """Create or update one MLflow run per model; write reports/mlflow_runs.json; return it."""
     uri = tracking_uri()
-    metrics = collect(params)  # a missing metrics file is a pipeline problem, not a tracking one
+    metrics = with_ratios(collect(params))  # a missing metrics file is a pipeline problem, not a tracking one
     try:
         ledger = _sync(params, metrics, uri)
     except Exception as error:  # the store can fail in many ways (locked db, server down, bad URI)
