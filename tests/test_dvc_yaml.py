@@ -179,6 +179,12 @@ def test_a_removed_params_section_is_caught(stage, section):
     assert f"{stage}: params lack {section}" in problems(dvc)
 
 
+def test_variant_names_reach_the_commands_as_one_argument():
+    # Unquoted, "my variant" would be two arguments and Typer's complaint would hide the naming rule.
+    for name, stage in _stages(_dvc()).items():
+        assert stage["cmd"].count("${key}") == stage["cmd"].count('"${key}"'), f"{name}: quote ${{key}} in its cmd"
+
+
 def test_the_validate_stage_reruns_on_any_params_yaml_edit():
     validate = _dvc()["stages"]["validate"]
     assert "params.yaml" in validate["deps"] and validate["cmd"] == "python -m pipeline.cli validate"
