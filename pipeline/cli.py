@@ -86,7 +86,8 @@ def prune(
 @app.command()
 def evaluate(
     variant: str = typer.Option(
-        ..., "--variant", "-v", help=f"`{BASE_NAME}` or the name of a variant (base must be evaluated first)."
+        ..., "--variant", "-v",
+        help=f"`{BASE_NAME}` or the name of a variant (timed side by side with models/{BASE_NAME}).",
     ),
     params: Path = PARAMS_OPTION,
 ) -> None:
@@ -94,9 +95,14 @@ def evaluate(
     from pipeline import evaluate as stage
 
     metrics = _run(lambda p: stage.run(p, variant), params)
+    if variant == BASE_NAME:
+        speed = (f"prefill {metrics['prefill_tokens_per_s']:.0f} tok/s, "
+                 f"generation {metrics['generation_tokens_per_s']:.1f} tok/s")
+    else:
+        speed = (f"prefill x{metrics['prefill_speedup']:.2f}, generation x{metrics['generation_speedup']:.2f} "
+                 f"the base model's speed (timed side by side)")
     typer.echo(
-        f"{variant}: perplexity {metrics['perplexity']:.2f}, {metrics['parameters'] / 1e6:.1f}M parameters, "
-        f"prefill {metrics['prefill_tokens_per_s']:.0f} tok/s, generation {metrics['generation_tokens_per_s']:.1f} tok/s"
+        f"{variant}: perplexity {metrics['perplexity']:.2f}, {metrics['parameters'] / 1e6:.1f}M parameters, {speed}"
     )
 
 

@@ -3,14 +3,21 @@
 Quality is perplexity on fixed windows of the evaluation text (the same windows for every model),
 and on a text of another kind (`evaluate.out_of_domain_file`, legal English by default): a
 calibrated model can fit its calibration domain and lose more elsewhere. Speed is prompt
-processing (one forward pass over a window) and greedy generation. A variant's metrics also carry
-each figure as a ratio to the base model's, read from reports/metrics/base.json.
+processing (one forward pass over a window) and greedy generation.
+
+A variant's speed is measured against models/base side by side: both models in this one process,
+timed alternately, so that a busy machine slows both alike (timed in separate stage processes, a
+variant once read x0.08 the base's speed, and x1.08 on a quiet machine). Its metrics hold the
+ratios (`prefill_speedup`, `generation_speedup`); absolute tokens/s are context only. Ratios of
+perplexity, parameters and size are not written here but computed from two metrics files by
+pipeline.results, so a variant's evaluation never depends on the base model's.
 """
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
-from typing import Dict
+from typing import Callable, Dict, Tuple
 
 from optipfair.analysis import analyze_model
 from optipfair.data import token_windows
@@ -22,40 +29,18 @@ from pipeline import layout
 from pipeline.params import BASE_NAME, Params
 from pipeline.texts import load_out_of_domain_text, load_texts
 
-# metric -> its ratio's name in a variant's metrics (variant value / base value).
-RATIOS = {
-    "perplexity": "perplexity_ratio",
-    "perplexity_out_of_domain": "perplexity_out_of_domain_ratio",
-    "parameters": "parameters_ratio",
-    "size_mb": "size_ratio",
-    "prefill_tokens_per_s": "prefill_speedup",
-    "generation_tokens_per_s": "generation_speedup",
-}
-
 
 def run(params: Params, name: str) -> Dict[str, float]:
     """Evaluate model `name` (`base` or a variant); write and return its metrics."""
     if name != BASE_NAME:
         params.variant(name)  # an unknown name fails here, before a model is loaded
-        base_metrics = _base_metrics()
     settings = params.evaluate
-    model, tokenizer = load_model(str(layout.model_dir(name)), dtype="float32")
-    if tokenizer is None:
-        raise OptiPFairError(f"{layout.model_dir(name)} has no tokenizer; rebuild it with `dvc repro`")
+    model, tokenizer = _load(name)
     _, evaluation_text = load_texts(params.data)
     windows = token_windows(tokenizer, evaluation_text, settings["num_tokens"], settings["seq_len"])
     other_windows = token_windows(tokenizer, load_out_of_domain_text(settings), settings["num_tokens"],
                                   settings["seq_len"])
     shape = analyze_model(model)
-    prefill = time_prefill(model, windows[:1], num_runs=settings["num_runs"], warmup_runs=settings["warmup_runs"])
-    generation = time_inference(
-        model,
-        tokenizer,
-        settings["prompt"],
-        max_new_tokens=settings["max_new_tokens"],
-        num_runs=settings["num_runs"],
-        warmup_runs=settings["warmup_runs"],
-    )
     metrics = {
         "perplexity": round(perplexity(model, windows), 4),
         "eval_tokens": int(windows.numel()),
@@ -66,25 +51,57 @@ def run(params: Params, name: str) -> Dict[str, float]:
         "num_layers": shape["num_layers"],
         "mlp_intermediate_size": shape["intermediate_size"],
         "expansion_rate": round(shape["expansion_rate"], 2),
-        "prefill_tokens_per_s": round(prefill["tokens_per_second"], 1),
-        "generation_tokens_per_s": round(generation["tokens_per_second"], 2),
     }
-    if name == BASE_NAME:
-        metrics["parameter_reduction_pct"] = 0.0
-    else:
-        base_parameters = base_metrics["parameters"]
-        metrics["parameter_reduction_pct"] = round(100 * (1 - metrics["parameters"] / base_parameters), 2)
-        for metric, ratio in RATIOS.items():
-            metrics[ratio] = round(metrics[metric] / base_metrics[metric], 4)
+    window = windows[:1]
+    new_tokens = settings["max_new_tokens"]  # time_inference generates exactly this many
+
+    def prefill(m, warmup_runs):
+        return time_prefill(m, window, num_runs=1, warmup_runs=warmup_runs)["median_time"]
+
+    def generation(m, warmup_runs):
+        return time_inference(m, tokenizer, settings["prompt"], max_new_tokens=new_tokens, num_runs=1,
+                              warmup_runs=warmup_runs)["median_time"]
+
+    rounds, warmup_runs = settings["num_runs"], settings["warmup_runs"]
+    base_model = None if name == BASE_NAME else _load(BASE_NAME)[0]
+    for key, measure, tokens, digits in (("prefill", prefill, window.numel(), 1),
+                                         ("generation", generation, new_tokens, 2)):
+        if base_model is None:
+            seconds = statistics.median(measure(model, warmup_runs if i == 0 else 0) for i in range(rounds))
+        else:
+            speedup, seconds = side_by_side(measure, base_model, model, rounds, warmup_runs)
+            metrics[f"{key}_speedup"] = round(speedup, 4)
+        # Absolute speed is context only: it is this machine's, at this moment.
+        metrics[f"{key}_tokens_per_s"] = round(tokens / seconds, digits)
     layout.write_json_atomic(layout.metrics_file(name), metrics)
     return metrics
 
 
-def _base_metrics() -> Dict[str, float]:
-    path = layout.metrics_file(BASE_NAME)
-    if not path.is_file():
-        raise OptiPFairError(f"{path} is missing: evaluate the base model first (optipfair-pipeline evaluate --variant base)")
-    return layout.read_json(path)
+def side_by_side(
+    measure: Callable[[object, int], float], base, variant, rounds: int, warmup_runs: int
+) -> Tuple[float, float]:
+    """(speedup, variant seconds): `base` and `variant` timed alternately, `rounds` runs each.
+
+    `measure(model, warmup_runs)` times one run of `model` in seconds (after `warmup_runs` untimed
+    ones; the first round warms both models up). The speedup is the median over rounds of
+    base seconds / variant seconds: each pair is timed at the same moment, so a load that comes
+    and goes cancels out. The order flips every round so neither model always runs second.
+    """
+    base_times, variant_times = [], []
+    for round_ in range(rounds):
+        warmup = warmup_runs if round_ == 0 else 0
+        pairs = [(base, base_times), (variant, variant_times)]
+        for model, times in pairs if round_ % 2 == 0 else reversed(pairs):
+            times.append(measure(model, warmup))
+    speedup = statistics.median(b / v for b, v in zip(base_times, variant_times))
+    return speedup, statistics.median(variant_times)
+
+
+def _load(name: str):
+    model, tokenizer = load_model(str(layout.model_dir(name)), dtype="float32")
+    if tokenizer is None:
+        raise OptiPFairError(f"{layout.model_dir(name)} has no tokenizer; rebuild it with `dvc repro`")
+    return model, tokenizer
 
 
 def _size_on_disk(folder: Path) -> int:

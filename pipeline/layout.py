@@ -19,7 +19,12 @@ PLOTS = REPORTS / "plots"
 ANALYSIS = REPORTS / "analysis.json"
 SUMMARY = REPORTS / "summary.md"
 TRACKED_RUNS = REPORTS / "mlflow_runs.json"
-# The method comparison measured by benchmarks/quality.py (too slow for a stage), quoted in the report.
+# Drawn by the report stage, logged as artifacts by the track stage.
+PLOT_FILES = {
+    "perplexity": PLOTS / "perplexity_vs_parameters.png",
+    "speed": PLOTS / "speed_vs_parameters.png",
+}
+# The method comparison measured by benchmarks/quality.py (too slow for a stage), linked from the report.
 QUALITY_BENCHMARK = Path("benchmarks/results/quality.md")
 # Written inside models/base by the download stage: where the base model came from.
 PROVENANCE = "optipfair_source.json"

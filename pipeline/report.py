@@ -2,37 +2,23 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Dict, List
 
-from optipfair.errors import OptiPFairError
 from pipeline import layout
 from pipeline.params import BASE_NAME, Params
+from pipeline.results import collect, with_ratios
 from pipeline.texts import out_of_domain_label
-
-PLOT_FILES = {
-    "perplexity": layout.PLOTS / "perplexity_vs_parameters.png",
-    "speed": layout.PLOTS / "speed_vs_parameters.png",
-}
 
 
 def run(params: Params) -> str:
     """Write the summary table and the plots for the models listed in params; returns the table."""
-    rows = collect(params)
+    rows = with_ratios(collect(params))
     table = summary_markdown(params, rows)
     layout.write_text_atomic(layout.SUMMARY, table)
     _plots(rows)
     return table
-
-
-def collect(params: Params) -> Dict[str, dict]:
-    """name -> metrics for base and every variant in params, in params order."""
-    rows = {}
-    for name in params.model_names():
-        path = layout.metrics_file(name)
-        if not path.is_file():
-            raise OptiPFairError(f"{path} is missing: run `dvc repro` (or optipfair-pipeline evaluate --variant {name})")
-        rows[name] = layout.read_json(path)
-    return rows
 
 
 def _setting(params: Params, name: str) -> str:
@@ -48,7 +34,7 @@ def _setting(params: Params, name: str) -> str:
 
 
 def summary_markdown(params: Params, rows: Dict[str, dict]) -> str:
-    """The comparison table as Markdown (ratios are to the base model)."""
+    """The comparison table as Markdown; `rows` is `with_ratios(collect(params))` (ratios are to the base model)."""
     lines = [
         "# Pruning summary",
         "",
@@ -70,23 +56,17 @@ def summary_markdown(params: Params, rows: Dict[str, dict]) -> str:
     lines += [
         "",
         f"Perplexity on {base['eval_tokens']} tokens of evaluation text and on {base['out_of_domain_eval_tokens']} "
-        f"tokens of {out_of_domain_label(params.evaluate)}, a text unlike the calibration text; speeds on this "
-        "machine's CPU; ratios (×) relative to the base model.",
+        f"tokens of {out_of_domain_label(params.evaluate)}, a text unlike the calibration text; ratios (×) "
+        "relative to the base model. Speed ratios are measured side by side: each variant and the base model "
+        f"timed alternately in one process, median of {params.evaluate['num_runs']} rounds; the tokens/s beside "
+        "them are this machine's CPU at the time of each measurement, context only.",
+        "",
+        f"Pruning methods compared on more text, with the reference implementation: "
+        f"[{layout.QUALITY_BENCHMARK}]({Path(os.path.relpath(layout.QUALITY_BENCHMARK, layout.SUMMARY.parent)).as_posix()}) "
+        "(measured by benchmarks/quality.py).",
         "",
     ]
-    return "\n".join(lines) + benchmark_section()
-
-
-def benchmark_section() -> str:
-    """The method comparison of benchmarks/quality.py, as a section of the summary ('' without it)."""
-    if not layout.QUALITY_BENCHMARK.is_file():
-        return ""
-    text = layout.QUALITY_BENCHMARK.read_text(encoding="utf-8")
-    body = text.split("\n", 1)[1] if text.startswith("# ") else text
-    return (
-        f"\n## Pruning methods compared ({layout.QUALITY_BENCHMARK}, rerun with benchmarks/quality.py)\n"
-        + body.replace("\n## ", "\n### ")
-    )
+    return "\n".join(lines)
 
 
 def _plots(rows: Dict[str, dict]) -> None:
@@ -107,18 +87,19 @@ def _plots(rows: Dict[str, dict]) -> None:
     axis.set_yscale("log")
     axis.set(xlabel="parameters (millions)", ylabel="perplexity (log scale, lower is better)",
              title="Perplexity vs parameters")
-    _save(figure, PLOT_FILES["perplexity"])
+    _save(figure, layout.PLOT_FILES["perplexity"])
 
     figure, axis = plt.subplots(figsize=(6, 4))
-    for key, label in (("prefill_tokens_per_s", "prompt processing"), ("generation_tokens_per_s", "generation")):
-        speedups = [rows[n][key] / rows[BASE_NAME][key] for n in names]
+    for key, label in (("prefill_speedup", "prompt processing"), ("generation_speedup", "generation")):
+        speedups = [rows[n].get(key, 1.0) for n in names]  # the base model is 1 by definition
         axis.scatter(millions, speedups, label=label)
         for name, x, y in zip(names, millions, speedups):
             axis.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     axis.axhline(1.0, color="grey", linewidth=0.8)
-    axis.set(xlabel="parameters (millions)", ylabel="speed relative to base", title="Speed vs parameters")
+    axis.set(xlabel="parameters (millions)", ylabel="speed relative to base (side by side)",
+             title="Speed vs parameters")
     axis.legend()
-    _save(figure, PLOT_FILES["speed"])
+    _save(figure, layout.PLOT_FILES["speed"])
 
 
 def _save(figure, path) -> None:

@@ -30,7 +30,8 @@ from typing import Dict, Iterator
 from optipfair.errors import OptiPFairError
 from pipeline import layout
 from pipeline.params import BASE_NAME, Params
-from pipeline.report import PLOT_FILES, collect
+from pipeline.layout import PLOT_FILES
+from pipeline.results import collect, with_ratios
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 KEY_TAG = "optipfair.run_key"
@@ -62,7 +63,7 @@ def run(params: Params) -> Dict[str, dict]:
     sync did and is not written to the file, which only names each model's run.
     """
     uri = tracking_uri()
-    metrics = collect(params)  # a missing metrics file is a pipeline problem, not a tracking one
+    metrics = with_ratios(collect(params))  # a missing metrics file is a pipeline problem, not a tracking one
     try:
         with _http_patience():
             ledger = _sync(params, metrics, uri)

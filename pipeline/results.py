@@ -1,0 +1,55 @@
+"""Every model's metrics, and each variant's figures relative to the base model.
+
+Shared by the report and track stages (not a stage itself). The evaluate stage writes what it
+measures and nothing derived from another model's file, so a variant's metrics never wait on the
+base model's; the ratios of perplexity, parameters and size are computed here, once. Speed ratios
+are the exception: they are measured side by side (base and variant timed alternately in one
+process by `evaluate@<variant>`), because two speeds taken in separate processes at different
+moments compare the machine's load as much as the models.
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+from optipfair.errors import OptiPFairError
+from pipeline import layout
+from pipeline.params import BASE_NAME, Params
+
+# metric -> its ratio's name (variant value / base value), computed from the two metrics files.
+RATIOS = {
+    "perplexity": "perplexity_ratio",
+    "perplexity_out_of_domain": "perplexity_out_of_domain_ratio",
+    "parameters": "parameters_ratio",
+    "size_mb": "size_ratio",
+}
+# Measured side by side by evaluate@<variant> and written in its metrics (base time / variant time).
+SPEED_RATIOS = ("prefill_speedup", "generation_speedup")
+
+
+def collect(params: Params) -> Dict[str, dict]:
+    """name -> metrics as written by the evaluate stage, for base and every variant, in params order."""
+    rows = {}
+    for name in params.model_names():
+        path = layout.metrics_file(name)
+        if not path.is_file():
+            raise OptiPFairError(f"{path} is missing: run `dvc repro` (or optipfair-pipeline evaluate --variant {name})")
+        rows[name] = layout.read_json(path)
+    return rows
+
+
+def ratios(metrics: dict, base: dict) -> Dict[str, float]:
+    """A variant's figures relative to the base model's: the RATIOS and parameter_reduction_pct."""
+    derived = {"parameter_reduction_pct": round(100 * (1 - metrics["parameters"] / base["parameters"]), 2)}
+    for metric, ratio in RATIOS.items():
+        derived[ratio] = round(metrics[metric] / base[metric], 4)
+    return derived
+
+
+def with_ratios(metrics_by_name: Dict[str, dict]) -> Dict[str, dict]:
+    """`collect`'s result with each variant's `ratios` added (base: parameter_reduction_pct 0)."""
+    base = metrics_by_name[BASE_NAME]
+    return {
+        name: {**metrics, **({"parameter_reduction_pct": 0.0} if name == BASE_NAME else ratios(metrics, base))}
+        for name, metrics in metrics_by_name.items()
+    }
