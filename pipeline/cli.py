@@ -31,12 +31,19 @@ PARAMS_OPTION = typer.Option(
 
 
 def _run(step: Callable[[Params], object], params_file: Path) -> object:
-    """Check the params file, then run `step`; a user error becomes one line on stderr and exit code 2."""
+    """Check the params file, then run `step`; a user error becomes one line on stderr and exit code 2.
+
+    Ctrl-C is one line and exit code 130: every output is written to a temporary path and renamed
+    into place, so an interrupted stage leaves what was there before.
+    """
     try:
         return step(load_params(params_file))
     except OptiPFairError as error:
         typer.echo(f"optipfair-pipeline: error: {error}", err=True)
         raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        typer.echo("optipfair-pipeline: error: interrupted; this stage wrote nothing", err=True)
+        raise typer.Exit(130) from None
 
 
 @app.command()
