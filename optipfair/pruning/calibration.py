@@ -13,6 +13,7 @@ output on the calibration tokens changes as little as possible (closed-form ridg
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable, Dict, List, Tuple
 
 import torch
@@ -285,12 +286,29 @@ def prune_mlp_calibrated(
         finally:
             adapter.replace_down_proj(mlp, down)
         gram = shrink_correlations(recorder.full_gram(), shrinkage)
-        keep, refitted = select(down.weight.data.float(), gram, keep_width, damping)
-        if reconstruct and refitted is None:
-            refitted = refit_down(down.weight.data, gram, keep, damping)
+        with _one_thread():  # the same bytes for any thread count (see _one_thread)
+            keep, refitted = select(down.weight.data.float(), gram, keep_width, damping)
+            if reconstruct and refitted is None:
+                refitted = refit_down(down.weight.data, gram, keep, damping)
         shrink_mlp(adapter, mlp, keep, refitted if reconstruct else None)
         hidden = _pruned_outputs(layer, adapter.down_proj(mlp), hidden, outputs, recorder.inputs, keep, layer_kwargs[index])
     return model
+
+
+@contextmanager
+def _one_thread():
+    """Run the block on one CPU thread, so that its result does not depend on the thread count.
+
+    MKL's Cholesky and LU factorizations split their work by thread count, and the split changes
+    the last bits of the result (and so of every refitted weight); its matrix products do not
+    (checked for 1-8 threads). Selection and refit are a few percent of a layer's time.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def check_shrinkage(shrinkage) -> float:
