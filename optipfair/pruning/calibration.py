@@ -9,6 +9,7 @@ Which pairs stay is decided by a method of `selection` from the layer's statisti
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable, List, Tuple
 
 import torch
@@ -205,9 +206,10 @@ def prune_mlp_calibrated(
         finally:
             adapter.replace_down_proj(mlp, down)
         gram = shrink_correlations(recorder.full_gram(), shrinkage)
-        keep, refitted = chosen.function(down.weight.data.float(), gram, keep_width, damping)
-        if reconstruct and refitted is None:
-            refitted = refit_down(down.weight.data, gram, keep, damping)
+        with _one_thread():  # the same bytes for any thread count (see _one_thread)
+            keep, refitted = chosen.function(down.weight.data.float(), gram, keep_width, damping)
+            if reconstruct and refitted is None:
+                refitted = refit_down(down.weight.data, gram, keep, damping)
         shrink_mlp(mlp, keep, refitted if reconstruct else None)
         scale = adapter.residual_scale(layer)
         if scale is None:  # the MLP output is transformed before the residual add: recompute
@@ -216,6 +218,22 @@ def prune_mlp_calibrated(
             hidden = _patched_outputs(layer, adapter.down_proj(mlp), scale, hidden, outputs, recorder.inputs, keep,
                                       layer_kwargs[index])
     return model
+
+
+@contextmanager
+def _one_thread():
+    """Run the block on one CPU thread, so that its result does not depend on the thread count.
+
+    MKL's Cholesky and LU factorizations split their work by thread count, and the split changes
+    the last bits of the result (and so of every refitted weight); its matrix products do not
+    (checked for 1-8 threads). Selection and refit are a few percent of a layer's time.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _patched_outputs(layer, new_down, scale, hidden, outputs, inputs, keep, kwargs) -> List[torch.Tensor]:
