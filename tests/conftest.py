@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -100,3 +105,31 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     make_tiny_model("llama", intermediate_size=128).save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def dvc_env(**extra) -> dict:
+    """The environment of a DVC or pipeline subprocess: this venv's commands first, no user MLflow settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(DVC_NO_ANALYTICS="1", HF_HUB_OFFLINE="1", PATH=f"{BIN}{os.pathsep}{env['PATH']}", **extra)
+    return env
+
+
+def new_dvc_project(root: Path, params: dict) -> Path:
+    """A git + DVC repository at `root` holding this checkout's pipeline and library, with `params`."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for folder in ("pipeline", "optipfair"):
+        shutil.copytree(ROOT / folder, root / folder, ignore=ignore)
+    for file in ("dvc.yaml", ".dvcignore", "models/.gitignore"):
+        (root / file).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / file, root / file)
+    (root / ".gitignore").write_text("*.db\nmlruns/\nmlartifacts/\n__pycache__/\n")
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for command in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.com"],
+                    ["git", "config", "user.name", "t"], [str(BIN / "dvc"), "init", "-q"], ["git", "add", "-A"],
+                    ["git", "commit", "-q", "-m", "pipeline"]):
+        subprocess.run(command, cwd=root, check=True, capture_output=True, env=dvc_env())
+    return root

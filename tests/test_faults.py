@@ -13,7 +13,6 @@ under `optipfair prune`) are in tests/test_io.py; params errors in tests/test_pa
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -24,10 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import make_tiny_model
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from conftest import BIN, dvc_env, make_tiny_model, new_dvc_project
 
 PARAMS = {
     "base": {"source": "local"},  # path filled in by the fixture
@@ -40,14 +37,8 @@ PARAMS = {
 }
 
 
-def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env.update(DVC_NO_ANALYTICS="1", HF_HUB_OFFLINE="1", PATH=f"{BIN}{os.pathsep}{env['PATH']}", **extra)
-    return env
-
-
 def _run(project: Path, *command: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run(list(command), cwd=project, capture_output=True, text=True, env=_env(**env), timeout=600)
+    return subprocess.run(list(command), cwd=project, capture_output=True, text=True, env=dvc_env(**env), timeout=600)
 
 
 def _stage(project: Path, *args: str) -> list:
@@ -82,25 +73,13 @@ def fault_model_dir(tmp_path_factory, tiny_tokenizer):
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, fault_model_dir):
     """A git + DVC project whose pipeline has run once; each test works on its own copy."""
-    project = tmp_path_factory.mktemp("built") / "project"
-    project.mkdir()
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for folder in ("pipeline", "optipfair"):
-        shutil.copytree(ROOT / folder, project / folder, ignore=ignore)
-    for file in ("dvc.yaml", ".dvcignore", "models/.gitignore"):
-        (project / file).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / file, project / file)
-    (project / ".gitignore").write_text("mlflow.db\nmlruns/\nmlartifacts/\n__pycache__/\n")
     params = json.loads(json.dumps(PARAMS))
     params["base"]["path"] = str(fault_model_dir)
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for command in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.com"],
-                    ["git", "config", "user.name", "t"], [str(BIN / "dvc"), "init", "-q"]):
-        subprocess.run(command, cwd=project, check=True, capture_output=True, env=_env())
+    project = new_dvc_project(tmp_path_factory.mktemp("built"), params)
     done = _repro(project)
     assert done.returncode == 0, done.stdout + done.stderr
-    subprocess.run(["git", "add", "-A"], cwd=project, check=True, capture_output=True, env=_env())
-    subprocess.run(["git", "commit", "-qm", "built"], cwd=project, check=True, capture_output=True, env=_env())
+    subprocess.run(["git", "add", "-A"], cwd=project, check=True, capture_output=True, env=dvc_env())
+    subprocess.run(["git", "commit", "-qm", "built"], cwd=project, check=True, capture_output=True, env=dvc_env())
     return project
 
 
@@ -156,7 +135,7 @@ KILL_POINTS = {
 def test_kill_9_during_a_stage_leaves_nothing_half_written_and_the_next_run_recovers(project, stage):
     args, ready = KILL_POINTS[stage]
     outputs_before = {p: p.read_bytes() for p in (project / "reports").rglob("*.json")}
-    process = subprocess.Popen(_stage(project, *args), cwd=project, env=_env(), stdout=subprocess.DEVNULL,
+    process = subprocess.Popen(_stage(project, *args), cwd=project, env=dvc_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     assert _kill_when(process, ready(project)), f"{stage} finished before it could be killed"
     # Whatever was there before is still there and whole: outputs are renamed into place complete.
@@ -180,7 +159,7 @@ def test_kill_9_during_a_stage_leaves_nothing_half_written_and_the_next_run_reco
 def test_ctrl_c_during_prune_is_one_line_and_keeps_the_previous_model(project):
     model = project / "models" / "maw-25" / "model.safetensors"
     before = model.read_bytes()
-    process = subprocess.Popen(_stage(project, "prune", "--variant", "maw-25"), cwd=project, env=_env(),
+    process = subprocess.Popen(_stage(project, "prune", "--variant", "maw-25"), cwd=project, env=dvc_env(),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert _kill_when(process, _staging_appears(project / "models", "maw-25"), how=signal.SIGINT)
     stderr = process.stderr.read()
@@ -290,7 +269,7 @@ def test_two_repros_at_once_one_is_refused_by_dvc_and_the_result_is_whole(projec
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["variants"]["maw-25"]["pruning_percentage"] = 40
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    first, second = (subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=project, env=_env(), stdout=subprocess.PIPE,
+    first, second = (subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=project, env=dvc_env(), stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True) for _ in range(2))
     results = [(p.wait(timeout=600), p.stdout.read() + p.stderr.read()) for p in (first, second)]
     codes = sorted(code for code, _ in results)

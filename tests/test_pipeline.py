@@ -12,7 +12,6 @@ own copy of it, so the tests pass in any order and alone.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -22,8 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from conftest import BIN, ROOT, dvc_env, new_dvc_project
 
 PARAMS = {
     "base": {"source": "local"},  # path filled in by the fixture
@@ -39,20 +37,14 @@ PARAMS = {
 }
 
 
-def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env.update(DVC_NO_ANALYTICS="1", HF_HUB_OFFLINE="1", PATH=f"{BIN}{os.pathsep}{env['PATH']}", **extra)
-    return env
-
-
 def _git(project: Path, *args: str) -> None:
-    subprocess.run(["git", *args], cwd=project, check=True, capture_output=True, env=_env())
+    subprocess.run(["git", *args], cwd=project, check=True, capture_output=True, env=dvc_env())
 
 
 def _repro(project: Path, *args: str, **env) -> tuple[set, subprocess.CompletedProcess]:
     """Run `dvc repro`; return the names of the stages it ran, and the finished process."""
     done = subprocess.run([str(BIN / "dvc"), "repro", *args], cwd=project, capture_output=True, text=True,
-                          env=_env(**env))
+                          env=dvc_env(**env))
     ran = set(re.findall(r"Running stage '([^']+)'", done.stdout + done.stderr))
     return ran, done
 
@@ -74,28 +66,11 @@ def _runs(project: Path) -> dict:
     return {run.info.run_name + ":" + run.data.params.get("variant.pruning_percentage", "-"): run for run in runs}
 
 
-def _new_project(project: Path, tiny_model_dir: Path) -> Path:
-    """A git + DVC repository holding this checkout's pipeline and library, pointed at a tiny model."""
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for folder in ("pipeline", "optipfair"):
-        shutil.copytree(ROOT / folder, project / folder, ignore=ignore)
-    for file in ("dvc.yaml", ".dvcignore"):
-        shutil.copy2(ROOT / file, project / file)
-    (project / ".gitignore").write_text("mlflow.db\nmlruns/\nmlartifacts/\n__pycache__/\n")
-    _write_params(project, {**PARAMS, "base": {"source": "local", "path": str(tiny_model_dir)}})
-    _git(project, "init", "-q")
-    _git(project, "config", "user.email", "test@example.com")
-    _git(project, "config", "user.name", "test")
-    subprocess.run([str(BIN / "dvc"), "init", "-q"], cwd=project, check=True, env=_env())
-    _git(project, "add", "-A")
-    _git(project, "commit", "-q", "-m", "pipeline")
-    return project
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, tiny_model_dir):
     """The project after its first full `dvc repro`: (project, stages run, process). Read it, never change it."""
-    project = _new_project(tmp_path_factory.mktemp("built"), tiny_model_dir)
+    params = {**PARAMS, "base": {"source": "local", "path": str(tiny_model_dir)}}
+    project = new_dvc_project(tmp_path_factory.mktemp("built"), params)
     ran, done = _repro(project)
     return project, ran, done
 
@@ -144,7 +119,7 @@ def test_repro_builds_evaluates_reports_and_tracks_everything(built):
     assert (project / "reports/plots/speed_vs_parameters.png").read_bytes()[:4] == b"\x89PNG"
 
     shown = subprocess.run([str(BIN / "dvc"), "metrics", "show", "--json"], cwd=project, capture_output=True,
-                           text=True, env=_env())
+                           text=True, env=dvc_env())
     assert "reports/metrics/vow-50.json" in shown.stdout
 
     runs = _runs(project)
@@ -259,13 +234,13 @@ def test_duplicate_variant_names_and_unreachable_hub_fail_cleanly_in_a_real_proc
         "variants:\n  maw-20: {method: MAW, pruning_percentage: 20}\n  maw-20: {method: MAW, pruning_percentage: 30}\n"
     )
     done = subprocess.run([*cli, "validate", "--params", str(duplicated)], cwd=ROOT, capture_output=True, text=True,
-                          env=_env())
+                          env=dvc_env())
     assert done.returncode == 2 and "'maw-20' is given twice" in done.stderr and "Traceback" not in done.stderr
 
     unreachable = tmp_path / "hub.yaml"
     unreachable.write_text("base: {source: hf, repo_id: org/model, revision: " + "a" * 40 + "}\n")
     done = subprocess.run([*cli, "download", "--params", str(unreachable)], cwd=tmp_path, capture_output=True,
-                          text=True, env=_env(PYTHONPATH=str(ROOT)))
+                          text=True, env=dvc_env(PYTHONPATH=str(ROOT)))
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("optipfair-pipeline: error: base.repo_id:") and done.stderr.count("\n") == 1
     assert not (tmp_path / "models" / "base").exists()

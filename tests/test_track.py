@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,8 +21,8 @@ import yaml
 from pipeline import layout, track
 from pipeline.params import load_params
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from conftest import BIN, ROOT, dvc_env, new_dvc_project
+
 EXPERIMENT = "track-test"
 
 # Params of an in-process project: the base is named by a pinned hub revision (never fetched here).
@@ -36,13 +35,10 @@ PARAMS = {
         "vow-50": {"method": "VOW", "pruning_percentage": 50},
     },
 }
-METRICS = {"perplexity": 12.5, "parameters": 1000, "size_mb": 2.0}
-
-
-def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(DVC_NO_ANALYTICS="1", HF_HUB_OFFLINE="1", PATH=f"{BIN}{os.pathsep}{env['PATH']}", **extra)
-    return env
+METRICS = {"perplexity": 12.5, "perplexity_out_of_domain": 20.0, "parameters": 1000, "size_mb": 2.0}
+# What track logs for a variant whose figures equal the base's: the metrics and their ratios to base.
+LOGGED = {**METRICS, "parameter_reduction_pct": 0.0, "perplexity_ratio": 1.0, "perplexity_out_of_domain_ratio": 1.0,
+          "parameters_ratio": 1.0, "size_ratio": 1.0}
 
 
 def _client(uri: str):
@@ -102,7 +98,7 @@ def test_run_key_is_the_same_across_processes_and_changes_only_with_its_own_vari
     script = ("import json; from pipeline import track; from pipeline.params import load_params; "
               "p = load_params('params.yaml'); print(json.dumps({n: track.run_key(p, n) for n in p.model_names()}))")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
-                          env=_env(PYTHONPATH=str(ROOT), PYTHONHASHSEED="123"))
+                          env=dvc_env(PYTHONPATH=str(ROOT), PYTHONHASHSEED="123"))
     assert json.loads(done.stdout) == keys
     assert len(set(keys.values())) == 3
 
@@ -120,7 +116,8 @@ def test_resync_of_unchanged_outputs_creates_no_run_and_logs_no_point(project):
     assert {entry["status"] for entry in first.values()} == {"created"}
     runs, points = _runs(uri), _points(uri)
     assert set(runs) == {"base", "maw-25", "vow-50"}
-    assert all(history == [(0, METRICS[key])] for (_, key), history in points.items())
+    assert all(history == [(0, LOGGED[key])] for (_, key), history in points.items())
+    assert set(runs["base"].data.metrics) == {*METRICS, "parameter_reduction_pct"}
     written = (project / layout.TRACKED_RUNS).read_bytes()
 
     second = _track(uri)
@@ -142,7 +139,9 @@ def test_an_updated_metric_appends_one_point_and_unchanged_ones_none(project):
     assert {name: entry["status"] for name, entry in ledger.items()} == dict.fromkeys(ledger, "updated")
     after = _points(uri)
     assert after.pop(("vow-50", "perplexity")) == [(0, 12.5), (1, 14.0)]
+    assert after.pop(("vow-50", "perplexity_ratio")) == [(0, 1.0), (1, 1.12)]  # derived from it, moved with it
     before.pop(("vow-50", "perplexity"))
+    before.pop(("vow-50", "perplexity_ratio"))
     assert after == before
     assert _runs(uri)["vow-50"].data.metrics["perplexity"] == 14.0
 
@@ -154,7 +153,7 @@ def test_a_new_tracking_store_gets_everything_logged(project, tmp_path_factory):
     runs = _runs(other)
     assert set(runs) == {"base", "maw-25", "vow-50"}
     assert {name: entry["run_id"] for name, entry in ledger.items()} == {n: r.info.run_id for n, r in runs.items()}
-    assert runs["maw-25"].data.metrics == METRICS
+    assert runs["maw-25"].data.metrics == LOGGED
     assert runs["maw-25"].data.params["variant.pruning_percentage"] == "25"
     assert json.loads((project / layout.TRACKED_RUNS).read_text())["base"]["run_id"] == runs["base"].info.run_id
 
@@ -163,7 +162,7 @@ def test_unreachable_tracking_server_fails_within_30_s_with_one_line_and_touches
     before = {path: path.read_bytes() for path in project.rglob("*") if path.is_file()}
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "pipeline.cli", "track"], cwd=project, capture_output=True, text=True,
-                          env=_env(PYTHONPATH=str(ROOT), MLFLOW_TRACKING_URI="http://127.0.0.1:9"), timeout=120)
+                          env=dvc_env(PYTHONPATH=str(ROOT), MLFLOW_TRACKING_URI="http://127.0.0.1:9"), timeout=120)
     elapsed = time.monotonic() - started
     assert done.returncode == 2, done.stderr
     assert elapsed < 30, f"took {elapsed:.0f} s"
@@ -186,34 +185,21 @@ def test_http_patience_keeps_what_the_user_set_and_is_undone_after_the_sync(monk
 
 def _repro(project: Path, **env) -> set:
     """Run `dvc repro` (it must succeed); return the names of the stages whose command ran."""
-    done = subprocess.run([str(BIN / "dvc"), "repro"], cwd=project, capture_output=True, text=True, env=_env(**env))
+    done = subprocess.run([str(BIN / "dvc"), "repro"], cwd=project, capture_output=True, text=True, env=dvc_env(**env))
     assert done.returncode == 0, done.stdout + done.stderr
     return set(re.findall(r"Running stage '([^']+)'", done.stdout + done.stderr))
 
 
 def _dvc_project(root: Path, model_dir: Path) -> Path:
     """A git + DVC repository holding this checkout's pipeline and library, on a tiny model, one variant."""
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for folder in ("pipeline", "optipfair"):
-        shutil.copytree(ROOT / folder, root / folder, ignore=ignore)
-    for file in ("dvc.yaml", ".dvcignore", "benchmarks/results/quality.md"):
-        (root / file).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / file, root / file)
-    (root / ".gitignore").write_text("*.db\nmlruns/\nmlartifacts/\n__pycache__/\n")
-    params = {
+    return new_dvc_project(root, {
         "base": {"source": "local", "path": str(model_dir)},
         "data": {"source": "default"},
         "calibration": {"num_tokens": 256, "seq_len": 64},
         "evaluate": {"num_tokens": 256, "seq_len": 64, "max_new_tokens": 4, "num_runs": 1, "warmup_runs": 0},
         "tracking": {"experiment": EXPERIMENT},
         "variants": {"maw-25": {"method": "MAW", "pruning_percentage": 25}},
-    }
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for command in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.com"],
-                    ["git", "config", "user.name", "t"], [str(BIN / "dvc"), "init", "-q"], ["git", "add", "-A"],
-                    ["git", "commit", "-q", "-m", "pipeline"]):
-        subprocess.run(command, cwd=root, check=True, capture_output=True, env=_env())
-    return root
+    })
 
 
 def _in_step(project: Path, uri: str) -> None:

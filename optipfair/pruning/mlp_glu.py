@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Tuple
 
-import torch
 from torch import nn
 from tqdm.auto import tqdm
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
-import torch
 from torch import nn
 
 from optipfair.adapters import find_layers, get_adapter, incompatibility
