@@ -63,7 +63,7 @@ def summary_markdown(params: Params, rows: Dict[str, dict]) -> str:
         "",
         f"Pruning methods compared on more text, with the reference implementation: "
         f"[{layout.QUALITY_BENCHMARK}]({Path(os.path.relpath(layout.QUALITY_BENCHMARK, layout.SUMMARY.parent)).as_posix()}) "
-        "(measured by benchmarks/quality.py).",
+        "(measured by `python -m benchmarks.quality`).",
         "",
     ]
     return "\n".join(lines)

@@ -206,7 +206,7 @@ def prune_mlp_calibrated(
         finally:
             adapter.replace_down_proj(mlp, down)
         gram = shrink_correlations(recorder.full_gram(), shrinkage)
-        with _one_thread():  # the same bytes for any thread count (see _one_thread)
+        with _one_thread():  # the same bytes on 1, 2, 4, ... threads (see _one_thread)
             keep, refitted = chosen.function(down.weight.data.float(), gram, keep_width, damping)
             if reconstruct and refitted is None:
                 refitted = refit_down(down.weight.data, gram, keep, damping)
@@ -225,8 +225,8 @@ def _one_thread():
     """Run the block on one CPU thread, so that its result does not depend on the thread count.
 
     MKL's Cholesky and LU factorizations split their work by thread count, and the split changes
-    the last bits of the result (and so of every refitted weight); its matrix products do not
-    (checked for 1-8 threads). Selection and refit are a few percent of a layer's time.
+    the last bits of the result (and so, now and then, a float32 weight); its matrix products do
+    not (checked for 1-8 threads). Selection and refit are a small part of a layer's time.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
