@@ -15,8 +15,8 @@ put first on PYTHONPATH) on the same calibration windows, side by side with this
 
 From the repository root, after `dvc repro download` (the default model is models/base):
 
-    python -m pip download optipfair==0.4.2 --no-deps -d /tmp/wheel
-    python -m zipfile -e /tmp/wheel/optipfair-0.4.2-py3-none-any.whl benchmarks/reference
+    python -m pip download optipfair==0.4.2 --no-deps -d benchmarks/reference
+    python -m zipfile -e benchmarks/reference/optipfair-0.4.2-py3-none-any.whl benchmarks/reference
     python -m benchmarks.quality                 # full table: ~1 h on 2 CPU cores
     python -m benchmarks.quality --quick         # 20 % only, small token budgets: a few minutes
 
