@@ -9,8 +9,9 @@ DVC runs this stage on every `dvc repro` (`always_changed` in dvc.yaml): DVC can
 (MLFLOW_TRACKING_URI, or runs deleted or logged elsewhere), and restoring the stage from its run
 cache would leave MLflow behind the outputs. Syncing is therefore cheap and idempotent: a run whose
 outputs did not change since its last complete sync is left alone, an updated run gets a new metric
-point only for a value that changed, and the ledger written holds no per-sync state, so an unchanged
-pipeline leaves reports/mlflow_runs.json and dvc.lock byte for byte as they were.
+point only for a value that changed, and the ledger it writes (reports/mlflow_runs.json: the run of
+each model in *this* store, git-ignored and not a DVC output, since another clone has another store)
+holds no per-sync state, so an unchanged pipeline leaves it byte for byte as it was.
 
 MLflow is optional to the artefacts: every DVC output exists before this stage runs, and a failure
 here says so and leaves them alone. Only this module imports MLflow; the library never does.
