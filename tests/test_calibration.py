@@ -23,11 +23,18 @@ def _calibration_rows(samples: int = 6, seq_len: int = 24, seed: int = 1) -> tor
     return torch.randint(3, 500, (samples, seq_len), generator=generator)
 
 
+def _record_inputs(module, seen: list):
+    """Append every (first, hidden-states) input of `module` to `seen` (a real forward pre-hook)."""
+    def hook(module, args, kwargs):
+        seen.append(args[0] if args else kwargs["hidden_states"])
+    return module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
 @torch.no_grad()
 def _inputs_of(module, model, rows: torch.Tensor) -> torch.Tensor:
-    """What `module` (a part of `model`) gets over `rows`, flattened to [tokens, features]."""
+    """What `module` (a part of `model`) gets over `rows`, one row at a time, flattened to [tokens, features]."""
     seen = []
-    handle = module.register_forward_hook(lambda module, args, output: seen.append(args[0]))
+    handle = _record_inputs(module, seen)
     try:
         for row in rows:
             model(input_ids=row[None], use_cache=False)
@@ -41,24 +48,9 @@ def _down_inputs(model, layer_index: int, rows: torch.Tensor) -> torch.Tensor:
     return _inputs_of(get_adapter(model).down_proj(get_adapter(model).mlps[layer_index]), model, rows)
 
 
-def _record_layer_inputs(layer, seen: list):
-    """Append every hidden-states input of decoder `layer` to `seen` (a real forward pre-hook)."""
-    def hook(module, args, kwargs):
-        seen.append(args[0] if args else kwargs["hidden_states"])
-    return layer.register_forward_pre_hook(hook, with_kwargs=True)
-
-
-@torch.no_grad()
 def _layer_inputs(model, layer_index: int, rows: torch.Tensor) -> torch.Tensor:
     """The hidden states that enter decoder layer `layer_index`, flattened to [tokens, hidden]."""
-    seen = []
-    handle = _record_layer_inputs(model.model.layers[layer_index], seen)
-    try:
-        for row in rows:
-            model(input_ids=row[None], use_cache=False)
-    finally:
-        handle.remove()
-    return torch.cat([x.reshape(-1, x.shape[-1]) for x in seen])
+    return _inputs_of(model.model.layers[layer_index], model, rows)
 
 
 @pytest.mark.parametrize("method", CALIBRATED)
@@ -96,7 +88,7 @@ def test_layer_by_layer_capture_feeds_pruned_outputs_forward(arch, overrides):
     # A real forward pre-hook on layer 1 sees what calibration feeds that layer; its first call is
     # the calibration batch (the 6 rows fit one), the later one re-checks or re-runs the pruned layer.
     seen = []
-    _record_layer_inputs(pruned.model.layers[1], seen)
+    _record_inputs(pruned.model.layers[1], seen)
     calibration.prune_mlp_calibrated(pruned, get_adapter(pruned), 8, rows, "ACT", True, False)
     calibrated_inputs = seen[0].reshape(-1, seen[0].shape[-1])
 
