@@ -244,3 +244,92 @@ def test_duplicate_variant_names_and_unreachable_hub_fail_cleanly_in_a_real_proc
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("optipfair-pipeline: error: base.repo_id:") and done.stderr.count("\n") == 1
     assert not (tmp_path / "models" / "base").exists()
+
+
+def _dvc(project: Path, *args: str, **env) -> subprocess.CompletedProcess:
+    done = subprocess.run([str(BIN / "dvc"), *args], cwd=project, capture_output=True, text=True, env=dvc_env(**env))
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def _file_digests(project: Path) -> dict:
+    """relative path -> bytes of every model file, to compare two checkouts."""
+    return {str(f.relative_to(project)): f.read_bytes() for f in sorted((project / "models").rglob("*")) if f.is_file()}
+
+
+def test_a_second_clone_pulls_what_the_first_pushed_and_builds_nothing(project, tmp_path):
+    # Machine one: build (done), commit, push outputs and run cache to a shared remote (a local folder here).
+    _dvc(project, "remote", "add", "-d", "shared", str(tmp_path / "remote"))
+    _git(project, "add", "-A")
+    _git(project, "commit", "-q", "-m", "built")
+    _dvc(project, "push", "--run-cache")
+    # Machine two: a fresh clone fetches every model instead of rebuilding it.
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(project), str(clone)], check=True, capture_output=True, env=dvc_env())
+    ran, done = _repro(clone, "--pull")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert ran == {"track"}, done.stdout  # track always runs: it checks this machine's MLflow store
+    assert "Pulling data for stage: 'prune@vow-50'" in done.stdout
+    assert _file_digests(clone) == _file_digests(project)
+    assert set(_runs(clone)) == {"base:-", "maw-25:25", "vow-50:50"}
+
+
+def _experiments(project: Path) -> dict:
+    """name ("workspace" for the checkout) -> its `dvc exp show --json` entry, found wherever DVC nests it."""
+    found = {}
+
+    def walk(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("data"), dict) and "metrics" in node["data"]:
+                found.setdefault(node.get("name") or node.get("rev"), node["data"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(json.loads(_dvc(project, "exp", "show", "--json").stdout))
+    return found
+
+
+def test_queued_experiments_run_two_variants_in_parallel(project):
+    import time
+
+    # Each queued experiment runs in its own temporary copy of the repository: an absolute store keeps
+    # their MLflow runs together (a relative sqlite:///mlflow.db would land in the copies and be lost).
+    store = dict(MLFLOW_TRACKING_URI=f"sqlite:///{project / 'mlflow.db'}")
+    _git(project, "add", "-A")
+    _git(project, "commit", "-q", "-m", "built")
+    _dvc(project, "exp", "run", "--queue", "-n", "maw-30", "-S", "variants.maw-25.pruning_percentage=30", **store)
+    _dvc(project, "exp", "run", "--queue", "-n", "vow-40", "-S", "variants.vow-50.pruning_percentage=40", **store)
+    # `dvc queue start` waits for its workers here (no terminal), so the queue is watched beside it.
+    starter = subprocess.Popen([str(BIN / "dvc"), "queue", "start", "-j", "2"], cwd=project,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dvc_env(**store))
+    try:
+        most_running, deadline = 0, time.monotonic() + 900
+        while time.monotonic() < deadline:
+            status = _dvc(project, "queue", "status").stdout
+            most_running = max(most_running, len(re.findall(r"\bRunning\b", status)))
+            if starter.poll() is not None and not re.search(r"\b(Running|Queued)\b", status):
+                break
+            time.sleep(1)
+    finally:
+        if starter.poll() is None:
+            subprocess.run([str(BIN / "dvc"), "queue", "kill", "maw-30", "vow-40"], cwd=project, capture_output=True,
+                           env=dvc_env())
+        starter.wait(timeout=120)
+    assert most_running == 2, status
+    assert len(re.findall(r"\bSuccess\b", status)) == 2, status
+
+    experiments = _experiments(project)
+    workspace = experiments["workspace"]
+
+    def parameters(entry, variant):
+        return entry["metrics"][f"reports/metrics/{variant}.json"]["data"]["parameters"]
+
+    # Each experiment re-pruned its own variant only.
+    assert parameters(experiments["maw-30"], "maw-25") < parameters(workspace, "maw-25")
+    assert parameters(experiments["maw-30"], "vow-50") == parameters(workspace, "vow-50")
+    assert parameters(experiments["vow-40"], "vow-50") > parameters(workspace, "vow-50")
+    assert parameters(experiments["vow-40"], "maw-25") == parameters(workspace, "maw-25")
+    assert {"maw-25:30", "vow-50:40"} <= set(_runs(project))
