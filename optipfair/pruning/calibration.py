@@ -184,40 +184,63 @@ def prune_mlp_calibrated(
     Returns:
         model: The pruned model
     """
-    chosen = get_method(method)
-    if not chosen.needs_calibration:
-        raise OptiPFairError(f"{chosen.name} is not a calibrated method: use prune_model for weight-only methods")
-    if not damping > 0:
-        raise OptiPFairError(f"damping must be positive, got {damping}")
-    width = adapter.width(adapter.mlps[0])
-    if not 0 < keep_width <= width:
-        raise OptiPFairError(f"keep_width must be between 1 and {width}, got {keep_width}")
-    reconstruct = True if reconstruct is None else bool(reconstruct)
-    hidden, layer_kwargs = capture_layer_inputs(model, adapter, calibration_data)
-
-    layers = tqdm(adapter.layers, desc=f"Calibrated pruning ({chosen.name})", unit="layer", disable=not show_progress)
+    pruner = LayerPruner(model, adapter, keep_width, calibration_data, method, reconstruct, damping, shrinkage)
+    layers = tqdm(adapter.layers, desc=f"Calibrated pruning ({pruner.method.name})", unit="layer",
+                  disable=not show_progress)
     for index, layer in enumerate(layers):
+        pruner.prune(index, layer)
+    return model
+
+
+class LayerPruner:
+    """Prunes the decoder layers one by one, in order, each fitted to its already-pruned predecessors.
+
+    Built once per model (it captures the first layer's inputs); `prune(i, layer)` must then be
+    called for i = 0, 1, 2, ... Layer i need only be in memory during its own call, which is what
+    out-of-core pruning (`optipfair.streaming`) relies on.
+    """
+
+    def __init__(self, model, adapter, keep_width: int, calibration_data, method: str = "OBS",
+                 reconstruct: bool | None = None, damping: float = DEFAULT_DAMPING,
+                 shrinkage: float = DEFAULT_SHRINKAGE):
+        self.method = get_method(method)
+        if not self.method.needs_calibration:
+            raise OptiPFairError(
+                f"{self.method.name} is not a calibrated method: use prune_model for weight-only methods"
+            )
+        if not damping > 0:
+            raise OptiPFairError(f"damping must be positive, got {damping}")
+        width = adapter.width(adapter.mlps[0])
+        if not 0 < keep_width <= width:
+            raise OptiPFairError(f"keep_width must be between 1 and {width}, got {keep_width}")
+        self.adapter, self.keep_width, self.damping, self.shrinkage = adapter, keep_width, damping, shrinkage
+        self.reconstruct = True if reconstruct is None else bool(reconstruct)
+        self.hidden, self.layer_kwargs = capture_layer_inputs(model, adapter, calibration_data)
+
+    @torch.no_grad()
+    def prune(self, index: int, layer: nn.Module) -> None:
+        """Prune decoder layer `index` in place; its pruned outputs become the next layer's inputs."""
+        adapter, kwargs = self.adapter, self.layer_kwargs[index]
         mlp = adapter.mlp(layer)
         down = adapter.down_proj(mlp)
         recorder = _DownRecorder(down)
         adapter.replace_down_proj(mlp, recorder)
         try:
-            outputs = run_layer(layer, hidden, layer_kwargs[index])
+            outputs = run_layer(layer, self.hidden, kwargs)
         finally:
             adapter.replace_down_proj(mlp, down)
-        gram = shrink_correlations(recorder.full_gram(), shrinkage)
+        gram = shrink_correlations(recorder.full_gram(), self.shrinkage)
         with _one_thread():  # the same bytes on 1, 2, 4, ... threads (see _one_thread)
-            keep, refitted = chosen.function(down.weight.data.float(), gram, keep_width, damping)
-            if reconstruct and refitted is None:
-                refitted = refit_down(down.weight.data, gram, keep, damping)
-        shrink_mlp(mlp, keep, refitted if reconstruct else None)
+            keep, refitted = self.method.function(down.weight.data.float(), gram, self.keep_width, self.damping)
+            if self.reconstruct and refitted is None:
+                refitted = refit_down(down.weight.data, gram, keep, self.damping)
+        shrink_mlp(mlp, keep, refitted if self.reconstruct else None)
         scale = adapter.residual_scale(layer)
         if scale is None:  # the MLP output is transformed before the residual add: recompute
-            hidden = run_layer(layer, hidden, layer_kwargs[index])
+            self.hidden = run_layer(layer, self.hidden, kwargs)
         else:
-            hidden = _patched_outputs(layer, adapter.down_proj(mlp), scale, hidden, outputs, recorder.inputs, keep,
-                                      layer_kwargs[index])
-    return model
+            self.hidden = _patched_outputs(layer, adapter.down_proj(mlp), scale, self.hidden, outputs,
+                                           recorder.inputs, keep, kwargs)
 
 
 @contextmanager

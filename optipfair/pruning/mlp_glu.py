@@ -156,6 +156,11 @@ def target_width(adapter: ModelAdapter, options: PruningOptions) -> int:
     return kept_width(intermediate_size, percentage, options.round_to)
 
 
+def prune_mlp_by_weights(adapter: ModelAdapter, mlp: nn.Module, method: str, width: int) -> None:
+    """Narrow one MLP to the `width` pairs its weights score highest by a weight-only `method`."""
+    shrink_mlp(mlp, select_kept_pairs(get_method(method).function(*adapter.glu_weights(mlp)), width))
+
+
 def prune_mlps(
     model: nn.Module, adapter: ModelAdapter, options: PruningOptions, calibration_data=None, show_progress: bool = True
 ) -> nn.Module:
@@ -170,6 +175,6 @@ def prune_mlps(
             )
         else:
             for mlp in tqdm(adapter.mlps, desc=f"Pruning MLPs ({method.name})", disable=not show_progress):
-                shrink_mlp(mlp, select_kept_pairs(method.function(*adapter.glu_weights(mlp)), width))
+                prune_mlp_by_weights(adapter, mlp, method.name, width)
     adapter.config.intermediate_size = width
     return model

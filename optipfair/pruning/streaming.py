@@ -1,0 +1,239 @@
+"""Out-of-core pruning: a safetensors checkpoint pruned one decoder layer at a time.
+
+The model is built with its weights on the meta device (no memory); the embeddings, final norm
+and head are read in, then each decoder layer in turn is read, pruned by the same code as
+in-memory pruning (`prune_mlp_by_weights`, `calibration.LayerPruner`), written to the output
+shards and dropped. Host memory holds the non-layer weights, one layer, the calibration
+activations and at most one output shard waiting to be written, whatever the model's size.
+Calibrated methods see each layer's inputs computed by the already-pruned layers before it, as
+in memory, so both paths give the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Dict, Iterable, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from optipfair.adapters import get_adapter
+from optipfair.errors import OptiPFairError
+from optipfair.io import SHARD_INDEX, check_output_path, staged_directory, verify_checkpoint
+from optipfair.pruning import calibration
+from optipfair.pruning.methods import get_method
+from optipfair.pruning.mlp_glu import prune_mlp_by_weights, target_width
+from optipfair.pruning.options import PruningOptions
+from optipfair.pruning.utils import statistics_from_counts
+
+# One output shard is held in memory until written: 1 GiB keeps that small next to any model
+# that needs streaming, and an 8B model in bf16 still fits in 17 files.
+MAX_SHARD_BYTES = 2**30
+# Files copied unchanged beside the weights (config.json is rewritten with the new width).
+_COMPANION_FILES = ("generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
+                    "vocab.*", "merges.txt", "*.model", "chat_template*")
+
+
+def prune_checkpoint(
+    model_path: str | Path,
+    output_path: str | Path,
+    options: PruningOptions,
+    *,
+    calibration_data=None,
+    show_progress: bool = True,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> Dict[str, object]:
+    """
+    Prune the safetensors checkpoint at `model_path` into `output_path`, one decoder layer at a time.
+
+    Args:
+        model_path: A model directory (config.json and one or several safetensors files)
+        output_path: Where the pruned model goes (written atomically: a temporary directory, then renamed)
+        options: What to prune and how (width pruning, any method; DEPTH is not streamed yet)
+        calibration_data: Token ids [samples, seq_len] (calibrated methods)
+        show_progress: Whether to show a progress bar over layers
+        max_shard_bytes: Largest output shard; one shard at most waits in memory to be written
+
+    Returns:
+        The pruning statistics, as `prune(..., return_stats=True)` gives them.
+        The output reloads with `AutoModelForCausalLM.from_pretrained` and holds the same weights
+        as in-memory pruning with the same options.
+    """
+    source = Path(model_path)
+    verify_checkpoint(source)
+    if options.pruning_type != "MLP_GLU":
+        raise OptiPFairError("DEPTH pruning is not streamed yet: load the model and use prune_model")
+    target = check_output_path(str(output_path))
+    checkpoint = _Checkpoint(source)
+    model = _skeleton(source)
+    adapter = get_adapter(model)
+    width = target_width(adapter, options)
+    method = get_method(options.method)
+    if method.needs_calibration:
+        calibration_data = calibration.check_calibration_data(calibration_data, f"method {options.method}")
+    before = _parameter_count(model)
+    old_width, layers_prefix = adapter.width(adapter.mlps[0]), _prefix_of(model, adapter.layers)
+
+    outer = [name for name in checkpoint.names if not name.startswith(layers_prefix)]
+    if method.needs_calibration:
+        # Calibration runs the model up to the first layer: only the input embeddings are needed
+        # (the head and final norm, as big again on untied models, are copied without being read in).
+        embeddings = _prefix_of(model, model.get_input_embeddings())
+        _load(model, checkpoint, [name for name in outer if name.startswith(embeddings)], prefix="")
+    with staged_directory(target, needed_bytes=checkpoint.size_bytes) as staging:
+        shards = _ShardWriter(staging, max_shard_bytes)
+        pruner = None
+        if method.needs_calibration and width < old_width:
+            pruner = calibration.LayerPruner(model, adapter, width, calibration_data, method.name, options.refit,
+                                             shrinkage=options.correlation_shrinkage)
+        layers = tqdm(list(enumerate(adapter.layers)), desc=f"Pruning layer by layer ({method.name})",
+                      unit="layer", disable=not show_progress)
+        for index, layer in layers:
+            prefix = f"{layers_prefix}{index}."
+            names = [name for name in checkpoint.names if name.startswith(prefix)]
+            _load(layer, checkpoint, names, prefix)
+            if pruner is not None:
+                pruner.prune(index, layer)
+            elif width < old_width:
+                prune_mlp_by_weights(adapter, adapter.mlp(layer), method.name, width)
+            for name, tensor in layer.state_dict().items():
+                shards.add(prefix + name, tensor.to(checkpoint.dtypes[_original_name(prefix + name, names)]))
+            layer.to("meta")  # drop the layer's weights: they are written
+        for name in outer:
+            shards.add(name, checkpoint.read(name))
+        shards.finish()
+        adapter.config.intermediate_size = width
+        model.config.save_pretrained(staging)
+        _copy_companions(source, staging)
+    after = _parameter_count(model)  # the layers, dropped to meta, keep their pruned shapes
+    stats = statistics_from_counts(before, after, old_width, width, adapter.hidden_size)
+    stats.update(original_layers=len(adapter.layers), pruned_layers=len(adapter.layers), pruning_type="MLP_GLU")
+    return stats
+
+
+class _Checkpoint:
+    """The tensors of a safetensors checkpoint: names, dtypes, and reading one at a time."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        index = folder / SHARD_INDEX
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        else:
+            weight_map = {}
+            for file in sorted(folder.glob("*.safetensors")):
+                with safe_open(file, framework="pt") as handle:
+                    weight_map.update(dict.fromkeys(handle.keys(), file.name))
+        self.folder, self.files = folder, weight_map
+        self.names = list(weight_map)
+        self.dtypes: Dict[str, torch.dtype] = {}
+        for file in sorted(set(weight_map.values())):
+            with safe_open(folder / file, framework="pt") as handle:
+                for name in handle.keys():
+                    self.dtypes[name] = handle.get_slice(name).get_dtype()
+        self.dtypes = {name: _DTYPES[dtype] for name, dtype in self.dtypes.items()}
+        self.size_bytes = sum((folder / file).stat().st_size for file in set(weight_map.values()))
+
+    def read(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(self.folder / self.files[name], framework="pt") as handle:
+            return handle.get_tensor(name)
+
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _skeleton(folder: Path) -> nn.Module:
+    """The architecture with its parameters on the meta device; buffers (rotary tables) are real."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    stored_dtype = config.dtype
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.config.dtype = stored_dtype  # the saved config names the dtype the weights are written in
+    return model.eval()
+
+
+def _load(module: nn.Module, checkpoint: _Checkpoint, names: Iterable[str], prefix: str) -> None:
+    """Read `names` from the checkpoint into `module` (names relative to it after `prefix`), in float32.
+
+    Float32 whatever the stored dtype: calibration statistics and the refit are computed in it, as
+    in memory; each tensor is written back in its stored dtype.
+    """
+    tensors = {name[len(prefix):]: checkpoint.read(name).float() for name in names}
+    missing = [name for name, p in module.named_parameters() if p.is_meta and name not in tensors]
+    if prefix and missing:
+        raise OptiPFairError(f"{checkpoint.folder}: the checkpoint has no tensor {prefix}{missing[0]}")
+    module.load_state_dict(tensors, strict=False, assign=True)
+
+
+def _original_name(name: str, names: list) -> str:
+    # A pruned fused projection keeps its name; every written tensor comes from one read under the same name.
+    if name not in names:
+        raise OptiPFairError(f"pruning produced a tensor {name} that the checkpoint does not have")
+    return name
+
+
+def _prefix_of(model: nn.Module, layers: nn.ModuleList) -> str:
+    """The state-dict prefix of the decoder layers, e.g. 'model.layers.'."""
+    return next(name for name, module in model.named_modules() if module is layers) + "."
+
+
+def _parameter_count(model: nn.Module) -> int:
+    """Parameters of the model, tied ones once (meta tensors count by their shapes)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+class _ShardWriter:
+    """Writes tensors to numbered safetensors shards of at most `max_bytes`, then names them as transformers does."""
+
+    def __init__(self, folder: Path, max_bytes: int):
+        self.folder, self.max_bytes = folder, max_bytes
+        self.pending: Dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.written: list = []  # (temporary file name, tensor names)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self._flush()
+        self.pending[name] = tensor.detach().contiguous()
+        self.pending_bytes += size
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        file = f"part-{len(self.written):05d}.safetensors"
+        save_file(self.pending, str(self.folder / file), metadata={"format": "pt"})
+        self.written.append((file, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> None:
+        if self.pending or not self.written:
+            self._flush()
+        if len(self.written) == 1:
+            (self.folder / self.written[0][0]).rename(self.folder / "model.safetensors")
+            return
+        weight_map, total = {}, 0
+        for number, (file, names) in enumerate(self.written, start=1):
+            final = f"model-{number:05d}-of-{len(self.written):05d}.safetensors"
+            (self.folder / file).rename(self.folder / final)
+            total += (self.folder / final).stat().st_size
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / SHARD_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _copy_companions(source: Path, staging: Path) -> None:
+    for pattern in _COMPANION_FILES:
+        for file in sorted(source.glob(pattern)):
+            if file.is_file():
+                shutil.copy2(file, staging / file.name)

@@ -1,0 +1,99 @@
+"""Out-of-core pruning gives the weights of in-memory pruning, on every supported family."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import BIASED_MLP, GLU_ARCHITECTURES, make_tiny_model
+from optipfair import OptiPFairError, PruningOptions, prune
+from optipfair.data import token_windows
+from optipfair.pruning.streaming import prune_checkpoint
+
+CASES = [(arch, {}) for arch in GLU_ARCHITECTURES] + [(arch, extra) for arch, extra in BIASED_MLP.items()]
+IDS = [arch + ("-bias" if extra else "") for arch, extra in CASES]
+
+
+def _calibration(tokenizer, rows: int = 4, seq_len: int = 32) -> torch.Tensor:
+    from pydoc_data.topics import topics
+
+    return token_windows(tokenizer, " ".join(list(topics.values())[:20]), rows * seq_len, seq_len)
+
+
+def _weights(path) -> dict:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return {name: tensor.clone() for name, tensor in model.state_dict().items()}
+
+
+def _in_memory(source, options, calibration=None) -> dict:
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    prune(model, options, calibration_data=calibration, show_progress=False)
+    return {name: tensor.clone() for name, tensor in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("arch, extra", CASES, ids=IDS)
+@pytest.mark.parametrize("options", [
+    PruningOptions(method="MAW", pruning_percentage=25),
+    PruningOptions(method="AUTO", pruning_percentage=30, round_to=16),
+], ids=["MAW", "AUTO"])
+def test_streamed_pruning_gives_the_in_memory_weights(arch, extra, options, tiny_tokenizer, tmp_path):
+    source = tmp_path / "source"
+    make_tiny_model(arch, **extra).save_pretrained(source)
+    tiny_tokenizer.save_pretrained(source)
+    calibration = _calibration(tiny_tokenizer) if options.needs_calibration else None
+
+    stats = prune_checkpoint(source, tmp_path / "out", options, calibration_data=calibration, show_progress=False)
+
+    expected = _in_memory(source, options, calibration)
+    streamed = _weights(tmp_path / "out")  # stock from_pretrained
+    assert streamed.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(streamed[name], tensor), name
+    width = json.loads((tmp_path / "out/config.json").read_text())["intermediate_size"]
+    assert width == stats["pruned_intermediate_size"] < 64
+    assert (tmp_path / "out/tokenizer.json").is_file()
+
+
+def test_sharded_checkpoints_in_and_out(tiny_tokenizer, tmp_path):
+    source = tmp_path / "source"
+    make_tiny_model("llama", tie_word_embeddings=False).save_pretrained(source, max_shard_size="40KB")
+    assert (source / "model.safetensors.index.json").is_file()
+    options = PruningOptions(method="AUTO", pruning_percentage=50)
+    calibration = _calibration(tiny_tokenizer)
+
+    prune_checkpoint(source, tmp_path / "out", options, calibration_data=calibration, show_progress=False,
+                     max_shard_bytes=30_000)
+
+    shards = sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    index = json.loads((tmp_path / "out/model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    expected = _in_memory(source, options, calibration)
+    streamed = _weights(tmp_path / "out")
+    assert all(torch.equal(streamed[name], tensor) for name, tensor in expected.items())
+
+
+def test_bfloat16_checkpoints_stay_bfloat16(tmp_path):
+    source = tmp_path / "source"
+    make_tiny_model("qwen2").to(torch.bfloat16).save_pretrained(source)
+    prune_checkpoint(source, tmp_path / "out", PruningOptions(method="MAW", pruning_percentage=50),
+                     show_progress=False)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.model.layers[0].mlp.gate_proj.out_features == 32
+
+
+def test_a_failed_run_leaves_no_output(tmp_path):
+    source = tmp_path / "source"
+    make_tiny_model("llama").save_pretrained(source)
+    with pytest.raises(OptiPFairError, match="needs calibration_data"):
+        prune_checkpoint(source, tmp_path / "out", PruningOptions(method="AUTO", pruning_percentage=50))
+    with pytest.raises(OptiPFairError, match="DEPTH"):
+        prune_checkpoint(source, tmp_path / "out", PruningOptions(pruning_type="DEPTH", num_layers_to_remove=1))
+    (source / "model.safetensors").write_bytes((source / "model.safetensors").read_bytes()[:-100])
+    with pytest.raises(OptiPFairError, match="model.safetensors"):
+        prune_checkpoint(source, tmp_path / "out", PruningOptions(method="MAW", pruning_percentage=50))
+    assert list(tmp_path.iterdir()) == [source]
