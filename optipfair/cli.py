@@ -129,6 +129,15 @@ def prune(
     trust_remote_code: bool = typer.Option(
         False, "--trust-remote-code", help="Run the model repository's own code (only for sources you trust)."
     ),
+    out_of_core: Optional[bool] = typer.Option(
+        None,
+        "--out-of-core/--in-memory",
+        help="Prune one decoder layer at a time, reading and writing safetensors shards (CPU; width pruning). "
+        "Default: out of core when the model in memory would exceed --memory-budget.",
+    ),
+    memory_budget: Optional[float] = typer.Option(
+        None, "--memory-budget", help="GiB the in-memory path may use (default: 80% of the memory available now)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON on stdout."),
 ) -> None:
     """Prune a model and save it (model + tokenizer) atomically to --output-path."""
@@ -152,20 +161,28 @@ def prune(
         except OptionError as error:
             raise OptiPFairError(f"{_flag(error.field)}: {error.problem}") from None
         check_output_path(output_path)
+        if memory_budget is not None and not memory_budget > 0:
+            raise OptiPFairError(f"--memory-budget: must be a positive number of GiB, got {memory_budget:g}")
 
         _quiet_transformers()
-        model, tokenizer = load_model(model_path, device, dtype.value, trust_remote_code)
-        calibration = None
-        if options.needs_calibration:
-            calibration = _calibration_data(tokenizer, calibration_file, calibration_tokens, calibration_seq_len)
+        show_progress = verbose and not as_json
         try:
-            model, stats = prune_with(
-                model, options, calibration_data=calibration, show_progress=verbose and not as_json, return_stats=True
-            )
+            out_of_core = _out_of_core(out_of_core, model_path, device, dtype.value, memory_budget)
+            if out_of_core:
+                stats = _prune_out_of_core(model_path, output_path, options, device, dtype.value, trust_remote_code,
+                                           (calibration_file, calibration_tokens, calibration_seq_len), show_progress)
+            else:
+                model, tokenizer = load_model(model_path, device, dtype.value, trust_remote_code)
+                calibration = None
+                if options.needs_calibration:
+                    calibration = _calibration_data(tokenizer, calibration_file, calibration_tokens, calibration_seq_len)
+                model, stats = prune_with(
+                    model, options, calibration_data=calibration, show_progress=show_progress, return_stats=True
+                )
+                save_model(model, tokenizer, output_path)
         except OptionError as error:  # a width the model cannot take (round_to, expansion rate)
             raise OptiPFairError(f"{_flag(error.field)}: {error.problem}") from None
-        save_model(model, tokenizer, output_path)
-        stats.update(method=options.method, output_path=str(output_path), model_path=model_path)
+        stats.update(method=options.method, output_path=str(output_path), model_path=model_path, out_of_core=out_of_core)
         if verbose or as_json:
             _print_result(stats, as_json, _prune_summary(stats))
         else:
@@ -177,6 +194,48 @@ def prune(
         _fail(str(error))
     except KeyboardInterrupt:
         _fail("interrupted; nothing was written", code=130)
+
+
+def _out_of_core(asked: Optional[bool], model_path: str, device: str, dtype: str, budget_gib: Optional[float]) -> bool:
+    """Whether to prune out of core: as asked, else when the model would not fit the memory budget."""
+    from pathlib import Path
+
+    from optipfair.io import resolve_device, resolve_dtype
+    from optipfair.pruning.streaming import available_memory_bytes, in_memory_bytes
+
+    if asked is not None:
+        return asked
+    if not (Path(model_path) / "config.json").is_file():
+        return False  # a Hub id: loaded in memory as before
+    budget = budget_gib * 2**30 if budget_gib is not None else 0.8 * available_memory_bytes()
+    return in_memory_bytes(model_path, resolve_dtype(dtype, resolve_device(device))) > budget
+
+
+def _prune_out_of_core(model_path, output_path, options, device, dtype, trust_remote_code, calibration_source,
+                       show_progress) -> Dict[str, Any]:
+    from pathlib import Path
+
+    from optipfair.pruning.streaming import prune_checkpoint
+
+    if not (Path(model_path) / "config.json").is_file():
+        raise OptiPFairError(f"--out-of-core reads safetensors files: {model_path} is not a local model directory")
+    if device not in ("auto", "cpu"):
+        raise OptiPFairError(f"--device: out-of-core pruning runs on the CPU for now, got {device}; use --device cpu")
+    if dtype != "auto":
+        raise OptiPFairError(f"--dtype: out-of-core pruning writes the checkpoint's own dtype, got {dtype}; leave it auto")
+    if trust_remote_code:
+        raise OptiPFairError("--trust-remote-code: out-of-core pruning supports built-in transformers models only")
+    calibration = None
+    if options.needs_calibration:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_path)
+        except (OSError, ValueError):
+            tokenizer = None
+        calibration = _calibration_data(tokenizer, *calibration_source)
+    return prune_checkpoint(model_path, output_path, options, calibration_data=calibration,
+                            show_progress=show_progress)
 
 
 def _prune_summary(stats: Dict[str, Any]):

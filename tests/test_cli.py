@@ -170,3 +170,36 @@ def test_depth_without_layer_count_is_refused(tiny_model_dir, tmp_path):
     result = invoke("prune", "--model-path", tiny_model_dir, "--output-path", tmp_path / "d", "--pruning-type", "DEPTH")
     assert result.exit_code == 1 and "--num-layers-to-remove" in result.stderr
     assert not (tmp_path / "d").exists()
+
+
+def _tensors(path):
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for file in sorted(path.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def test_out_of_core_prune_writes_what_in_memory_prune_writes(tiny_model_dir, tmp_path):
+    common = ("--model-path", tiny_model_dir, "--method", "AUTO", "--pruning-percentage", 30,
+              "--calibration-tokens", 256, "--calibration-seq-len", 64, "--json")
+    in_memory = invoke("prune", *common, "--output-path", tmp_path / "memory", "--in-memory")
+    # A budget smaller than the model chooses the out-of-core path without being asked.
+    streamed = invoke("prune", *common, "--output-path", tmp_path / "stream", "--memory-budget", 1e-6)
+    assert in_memory.exit_code == 0 and streamed.exit_code == 0, in_memory.output + streamed.output
+    assert json.loads(in_memory.stdout)["out_of_core"] is False and json.loads(streamed.stdout)["out_of_core"] is True
+    memory, stream = _tensors(tmp_path / "memory"), _tensors(tmp_path / "stream")
+    assert memory.keys() == stream.keys() and all(torch.equal(memory[k], stream[k]) for k in memory)
+    assert (tmp_path / "stream" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--out-of-core", "--dtype", "bfloat16"), "--dtype: out-of-core pruning writes the checkpoint's own dtype"),
+    (("--out-of-core", "--device", "cuda"), "--device: out-of-core pruning runs on the CPU"),
+    (("--memory-budget", -1), "--memory-budget: must be a positive number of GiB, got -1"),
+])
+def test_out_of_core_refusals_are_one_line(extra, message, tiny_model_dir, tmp_path):
+    result = invoke("prune", "--model-path", tiny_model_dir, "--output-path", tmp_path / "out", *extra)
+    assert result.exit_code == 1 and result.stderr.startswith(f"error: {message}"), result.output
+    assert result.stderr.count("\n") == 1 and not (tmp_path / "out").exists()

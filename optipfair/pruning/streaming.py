@@ -12,6 +12,8 @@ in memory, so both paths give the same weights.
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
 from pathlib import Path
 from typing import Dict, Iterable, Optional
@@ -112,6 +114,30 @@ def prune_checkpoint(
     stats = statistics_from_counts(before, after, old_width, width, adapter.hidden_size)
     stats.update(original_layers=len(adapter.layers), pruned_layers=len(adapter.layers), pruning_type="MLP_GLU")
     return stats
+
+
+def in_memory_bytes(model_path: str | Path, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes the checkpoint's weights take loaded in `dtype` (from the safetensors headers alone)."""
+    from safetensors import safe_open
+
+    checkpoint = _Checkpoint(Path(model_path))
+    total = 0
+    for file in sorted(set(checkpoint.files.values())):
+        with safe_open(checkpoint.folder / file, framework="pt") as handle:
+            for name in handle.keys():
+                total += math.prod(handle.get_slice(name).get_shape())
+    return total * torch.tensor([], dtype=dtype).element_size()
+
+
+def available_memory_bytes() -> int:
+    """Memory this machine can give a new process now (MemAvailable), or its total memory."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 class _Checkpoint:
