@@ -8,7 +8,7 @@ Two parts, each run by hand from the repository root:
 Every pruning runs in its own process under `/usr/bin/time -v`, whose "Maximum resident set
 size" is the peak RSS reported (file-backed pages included). `compare` runs the in-memory path
 (`from_pretrained`, `optipfair.prune`, `save_model`) and the out-of-core one
-(`optipfair.pruning.streaming.prune_checkpoint`) alternately, MAW and AUTO, so a busy machine
+(`optipfair.streaming.prune_checkpoint`) alternately, MAW and AUTO, so a busy machine
 slows both alike; it also checks that both wrote the same weights. `big` builds the checkpoint
 under benchmarks/scratch/ (git-ignored) once, prunes it out of core, and reloads the result with
 stock `from_pretrained`. Results: benchmarks/results/big_model_<part>.md and .json.
@@ -44,7 +44,7 @@ def worker(job: dict) -> None:
     """One pruning as `job` says; prints a JSON line with the pruning's own seconds."""
     from optipfair import PruningOptions, prune
     from optipfair.io import load_model, save_model
-    from optipfair.pruning.streaming import prune_checkpoint
+    from optipfair.streaming import prune_checkpoint
 
     options = PruningOptions(method=job["method"], pruning_percentage=job["percentage"])
     calibration = torch.load(job["calibration"]) if options.needs_calibration else None

@@ -201,7 +201,7 @@ def _out_of_core(asked: Optional[bool], model_path: str, device: str, dtype: str
     from pathlib import Path
 
     from optipfair.io import resolve_device, resolve_dtype
-    from optipfair.pruning.streaming import available_memory_bytes, in_memory_bytes
+    from optipfair.streaming import available_memory_bytes, in_memory_bytes
 
     if asked is not None:
         return asked
@@ -215,7 +215,7 @@ def _prune_out_of_core(model_path, output_path, options, device, dtype, trust_re
                        show_progress) -> Dict[str, Any]:
     from pathlib import Path
 
-    from optipfair.pruning.streaming import prune_checkpoint
+    from optipfair.streaming import prune_checkpoint
 
     if not (Path(model_path) / "config.json").is_file():
         raise OptiPFairError(f"--out-of-core reads safetensors files: {model_path} is not a local model directory")

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from conftest import BIASED_MLP, GLU_ARCHITECTURES, make_tiny_model
 from optipfair import OptiPFairError, PruningOptions, prune
 from optipfair.data import token_windows
-from optipfair.pruning.streaming import prune_checkpoint
+from optipfair.streaming import prune_checkpoint
 
 CASES = [(arch, {}) for arch in GLU_ARCHITECTURES] + [(arch, extra) for arch, extra in BIASED_MLP.items()]
 IDS = [arch + ("-bias" if extra else "") for arch, extra in CASES]
@@ -97,3 +97,15 @@ def test_a_failed_run_leaves_no_output(tmp_path):
     with pytest.raises(OptiPFairError, match="model.safetensors"):
         prune_checkpoint(source, tmp_path / "out", PruningOptions(method="MAW", pruning_percentage=50))
     assert list(tmp_path.iterdir()) == [source]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "granite", "phi3"])
+def test_layer_by_layer_perplexity_matches_the_loaded_model(arch, tiny_tokenizer, tmp_path):
+    from optipfair.evaluation.perplexity import perplexity
+    from optipfair.streaming import perplexity_checkpoint
+
+    make_tiny_model(arch).save_pretrained(tmp_path / "m", max_shard_size="60KB")
+    windows = _calibration(tiny_tokenizer, rows=5, seq_len=32)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    expected = perplexity(loaded, windows)
+    assert perplexity_checkpoint(tmp_path / "m", windows, show_progress=False) == pytest.approx(expected, rel=1e-4)

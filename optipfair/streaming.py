@@ -1,4 +1,4 @@
-"""Out-of-core pruning: a safetensors checkpoint pruned one decoder layer at a time.
+"""Out of core: a safetensors checkpoint pruned, or evaluated, one decoder layer at a time.
 
 The model is built with its weights on the meta device (no memory); the embeddings, final norm
 and head are read in, then each decoder layer in turn is read, pruned by the same code as
@@ -114,6 +114,68 @@ def prune_checkpoint(
     stats = statistics_from_counts(before, after, old_width, width, adapter.hidden_size)
     stats.update(original_layers=len(adapter.layers), pruned_layers=len(adapter.layers), pruning_type="MLP_GLU")
     return stats
+
+
+@torch.no_grad()
+def perplexity_checkpoint(model_path: str | Path, windows: torch.Tensor, show_progress: bool = True) -> float:
+    """
+    Perplexity of the checkpoint at `model_path` on token `windows` [n, seq_len], one layer at a time.
+
+    The same figure as `optipfair.evaluation.perplexity.perplexity` on the loaded model (up to
+    float rounding), but each weight is read once for all windows, and host memory holds one
+    layer plus every window's hidden states (tokens x hidden floats), whatever the model's size.
+    """
+    source = Path(model_path)
+    verify_checkpoint(source)
+    windows = calibration.check_calibration_data(windows, "perplexity")
+    checkpoint = _Checkpoint(source)
+    model = _skeleton(source)
+    adapter = get_adapter(model)
+    layers_prefix = _prefix_of(model, adapter.layers)
+    outer = [name for name in checkpoint.names if not name.startswith(layers_prefix)]
+    _load(model, checkpoint, outer, prefix="")
+    model.tie_weights()
+    hidden, layer_kwargs = calibration.capture_layer_inputs(model, adapter, windows)
+    for index, layer in enumerate(tqdm(adapter.layers, desc="Perplexity layer by layer", unit="layer",
+                                       disable=not show_progress)):
+        prefix = f"{layers_prefix}{index}."
+        _load(layer, checkpoint, [name for name in checkpoint.names if name.startswith(prefix)], prefix)
+        hidden = calibration.run_layer(layer, hidden, layer_kwargs[index])
+        layer.to("meta")
+    return math.exp(_head_nll(model, adapter, windows, torch.cat(hidden)) / windows[:, 1:].numel())
+
+
+def _head_nll(model: nn.Module, adapter, windows: torch.Tensor, final_hidden: torch.Tensor) -> float:
+    """Summed next-token NLL from the last layer's outputs, through the model's own head.
+
+    The model's forward runs with stand-in layers: the first returns the precomputed outputs of the
+    last layer, the others pass them on, so the final norm, the head and any logit scaling or
+    soft-capping are the architecture's own code. One window at a time keeps the logits small.
+    """
+    import torch.nn.functional as F
+
+    layers = adapter.layers
+    originals = list(layers)
+    current = {}
+
+    def stand_in(index):
+        def on_call(*args, **kwargs):
+            return current["hidden"] if index == 0 else (args[0] if args else kwargs["hidden_states"])
+
+        return calibration._Recorder(originals[index], on_call)
+
+    for index in range(len(originals)):
+        layers[index] = stand_in(index)
+    total = 0.0
+    try:
+        for row, states in zip(windows, final_hidden):
+            current["hidden"] = states[None]
+            logits = model(input_ids=row[None], use_cache=False).logits[0, :-1].float()
+            total += F.cross_entropy(logits, row[1:], reduction="sum").item()
+    finally:
+        for index, layer in enumerate(originals):
+            layers[index] = layer
+    return total
 
 
 def in_memory_bytes(model_path: str | Path, dtype: torch.dtype = torch.float32) -> int:
