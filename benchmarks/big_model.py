@@ -46,6 +46,8 @@ def worker(job: dict) -> None:
     from optipfair.io import load_model, save_model
     from optipfair.streaming import prune_checkpoint
 
+    if job["mode"].startswith("perplexity"):
+        return perplexity_worker(job)
     options = PruningOptions(method=job["method"], pruning_percentage=job["percentage"])
     calibration = torch.load(job["calibration"]) if options.needs_calibration else None
     start = time.perf_counter()
@@ -58,6 +60,29 @@ def worker(job: dict) -> None:
     print(json.dumps({"seconds": time.perf_counter() - start}))
 
 
+def perplexity_worker(job: dict) -> None:
+    """Perplexity of job["model"] on job["windows"]: loaded whole, layer by layer, or by accelerate with disk offload."""
+    from transformers import AutoModelForCausalLM
+
+    from optipfair.evaluation.perplexity import perplexity
+    from optipfair.streaming import perplexity_checkpoint
+
+    windows = torch.load(job["windows"])
+    start = time.perf_counter()
+    if job["mode"] == "perplexity-stream":
+        value = perplexity_checkpoint(job["model"], windows, show_progress=False)
+    elif job["mode"] == "perplexity-offload":
+        # accelerate's big-model engine: what does not fit `max_memory` goes to disk and is read per forward.
+        model = AutoModelForCausalLM.from_pretrained(
+            job["model"], dtype=torch.float32, device_map="auto", max_memory={"cpu": job["max_memory"]},
+            offload_folder=job["offload_folder"])
+        value = perplexity(model.eval(), windows)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32).eval()
+        value = perplexity(model, windows)
+    print(json.dumps({"seconds": time.perf_counter() - start, "perplexity": value}))
+
+
 def run_job(job: dict) -> dict:
     """Run `worker(job)` under /usr/bin/time -v; its wall seconds and peak RSS."""
     done = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "benchmarks.big_model", "--worker",
@@ -68,12 +93,13 @@ def run_job(job: dict) -> dict:
     return {**json.loads(done.stdout.strip().splitlines()[-1]), "peak_rss_bytes": peak_kib * 1024}
 
 
-def _calibration_file(tokenizer, tokens: int, seq_len: int, vocab_size: int) -> Path:
+def _calibration_file(tokenizer, tokens: int, seq_len: int, vocab_size: int, held_out: bool = False) -> Path:
+    """Windows of the calibration text (or, `held_out`, of the evaluation text), saved for the workers."""
     from optipfair.data import default_texts, token_windows
 
-    windows = token_windows(tokenizer, default_texts()[0], tokens, seq_len) % vocab_size
+    windows = token_windows(tokenizer, default_texts()[held_out], tokens, seq_len) % vocab_size
     SCRATCH.mkdir(parents=True, exist_ok=True)
-    path = SCRATCH / f"calibration-{tokens}x{seq_len}.pt"
+    path = SCRATCH / f"{'evaluation' if held_out else 'calibration'}-{tokens}x{seq_len}.pt"
     torch.save(windows, path)
     return path
 
@@ -112,10 +138,25 @@ def compare(args) -> dict:
                 print(rows[-1], flush=True)
         rows.append({"method": method, "same_weights": _weights_equal(SCRATCH / f"compare-memory-{method}",
                                                                        SCRATCH / f"compare-stream-{method}")})
+    windows = _calibration_file(tokenizer, args.eval_tokens, args.seq_len, tokenizer.vocab_size + 1024, held_out=True)
+    checkpoint_bytes = sum(f.stat().st_size for f in Path(args.model).glob("*.safetensors"))
+    for round_ in range(args.rounds):
+        modes = ("perplexity-memory", "perplexity-stream", "perplexity-offload")
+        for mode in modes if round_ % 2 == 0 else reversed(modes):
+            job = dict(mode=mode, model=str(args.model), windows=str(windows), offload_folder=str(SCRATCH / "offload"),
+                       max_memory=f"{checkpoint_bytes // 4 // 2**20}MiB")  # a quarter of the model stays in memory
+            started = time.perf_counter()
+            row = run_job(job)
+            rows.append({"method": "perplexity", "mode": mode.split("-")[1], "round": round_,
+                         "wall_seconds": round(time.perf_counter() - started, 2),
+                         "prune_seconds": round(row["seconds"], 2), "perplexity": round(row["perplexity"], 4),
+                         "peak_rss_mib": round(row["peak_rss_bytes"] / 2**20)})
+            print(rows[-1], flush=True)
+            shutil.rmtree(SCRATCH / "offload", ignore_errors=True)
     return {"part": "compare", "model": shown(args.model), "percentage": args.percentage,
+            "eval_tokens": args.eval_tokens,
             "calibration_tokens": args.calibration_tokens, "seq_len": args.seq_len,
-            "checkpoint_bytes": sum(f.stat().st_size for f in Path(args.model).glob("*.safetensors")),
-            "rows": rows, "command": command("benchmarks.big_model")}
+            "checkpoint_bytes": checkpoint_bytes, "rows": rows, "command": command("benchmarks.big_model")}
 
 
 def build_checkpoint(folder: Path, shape: dict) -> int:
@@ -221,9 +262,17 @@ def markdown(result: dict) -> str:
                  "Each run is a fresh process (load, prune, save); the two modes alternate.", "",
                  "| method | mode | round | wall s | prune s | peak RSS MiB |", "|---|---|---|---|---|---|"]
         for row in result["rows"]:
-            if "mode" in row:
+            if "mode" in row and row["method"] != "perplexity":
                 lines.append(f"| {row['method']} | {row['mode']} | {row['round']} | {row['wall_seconds']} "
                              f"| {row['prune_seconds']} | {row['peak_rss_mib']} |")
+        lines += ["", f"Perplexity on {result['eval_tokens']} held-out tokens: the model loaded whole, layer by "
+                  "layer (`perplexity_checkpoint`), and by accelerate (`device_map=\"auto\"`, a quarter of the "
+                  "model in memory, the rest offloaded to disk).", "",
+                  "| engine | round | wall s | evaluation s | perplexity | peak RSS MiB |", "|---|---|---|---|---|---|"]
+        for row in result["rows"]:
+            if row.get("method") == "perplexity":
+                lines.append(f"| {row['mode']} | {row['round']} | {row['wall_seconds']} | {row['prune_seconds']} "
+                             f"| {row['perplexity']} | {row['peak_rss_mib']} |")
         lines.append("")
         for method in ("MAW", "AUTO"):
             runs = [r for r in result["rows"] if r.get("method") == method and "mode" in r]
@@ -255,6 +304,7 @@ def main() -> None:
     parser.add_argument("--percentage", type=float, default=20)
     parser.add_argument("--methods", nargs="+", default=["MAW", "AUTO"])
     parser.add_argument("--calibration-tokens", type=int, default=4096)
+    parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
