@@ -11,11 +11,17 @@ variant once read x0.08 the base's speed, and x1.08 on a quiet machine). Its met
 ratios (`prefill_speedup`, `generation_speedup`); absolute tokens/s are context only. Ratios of
 perplexity, parameters and size are not written here but computed from two metrics files by
 pipeline.results, so a variant's evaluation never depends on the base model's.
+
+Downstream tasks (`evaluate.tasks`) are scored by lm-evaluation-harness on the model already
+loaded here, on the GPU when there is one (optipfair.tasks). They run first, so a task name lm-eval
+does not know stops the stage before the long measurements; a task that cannot run (lm-eval not
+installed, its dataset unreachable) is recorded as skipped with the reason, and the rest completes.
 """
 
 from __future__ import annotations
 
 import statistics
+import sys
 from pathlib import Path
 from typing import Callable, Dict, Tuple
 
@@ -24,9 +30,10 @@ from optipfair.data import token_windows
 from optipfair.errors import OptiPFairError
 from optipfair.evaluation.benchmarks import time_inference, time_prefill
 from optipfair.evaluation.perplexity import perplexity
-from optipfair.io import load_model
+from optipfair.io import load_model, resolve_device
+from optipfair.tasks import run_tasks
 from pipeline import layout
-from pipeline.params import BASE_NAME, Params
+from pipeline.params import BASE_NAME, Params, task_options
 from pipeline.texts import load_out_of_domain_text, load_texts
 
 
@@ -36,6 +43,7 @@ def run(params: Params, name: str) -> Dict[str, float]:
         params.variant(name)  # an unknown name fails here, before a model is loaded
     settings = params.evaluate
     model, tokenizer = _load(name)
+    tasks = _tasks(model, tokenizer, task_options(settings), name)
     _, evaluation_text = load_texts(params.data)
     windows = token_windows(tokenizer, evaluation_text, settings["num_tokens"], settings["seq_len"])
     other_windows = token_windows(tokenizer, load_out_of_domain_text(settings), settings["num_tokens"],
@@ -73,6 +81,8 @@ def run(params: Params, name: str) -> Dict[str, float]:
             metrics[f"{key}_speedup"] = round(speedup, 4)
         # Absolute speed is context only: it is this machine's, at this moment.
         metrics[f"{key}_tokens_per_s"] = round(tokens / seconds, digits)
+    if tasks:
+        metrics["tasks"] = tasks
     layout.write_json_atomic(layout.metrics_file(name), metrics)
     return metrics
 
@@ -95,6 +105,24 @@ def side_by_side(
             times.append(measure(model, warmup))
     speedup = statistics.median(b / v for b, v in zip(base_times, variant_times))
     return speedup, statistics.median(variant_times)
+
+
+def _tasks(model, tokenizer, tasks, name: str) -> dict:
+    """Each task's main metric, or why it was skipped (one line on stderr per skipped task)."""
+    if not tasks:
+        return {}
+    device = resolve_device("auto")
+    # Scoring is many forward passes: on the GPU when there is one. Perplexity and speed stay on the
+    # CPU the model was loaded on, as everywhere else in the pipeline; the move is exact both ways.
+    model.to(device)
+    try:
+        results = run_tasks(model, tokenizer, tasks)
+    finally:
+        model.to("cpu")
+    for task, result in results.items():
+        if "skipped" in result:
+            print(f"evaluate {name}: task {task} skipped: {result['skipped']}", file=sys.stderr)
+    return results
 
 
 def _load(name: str):

@@ -23,6 +23,7 @@ TRACKED_RUNS = REPORTS / "mlflow_runs.json"
 PLOT_FILES = {
     "perplexity": PLOTS / "perplexity_vs_parameters.png",
     "speed": PLOTS / "speed_vs_parameters.png",
+    "tasks": PLOTS / "tasks_vs_parameters.png",
 }
 # The method comparison measured by benchmarks/quality.py (too slow for a stage), linked from the report.
 QUALITY_BENCHMARK = Path("benchmarks/results/quality.md")

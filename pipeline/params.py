@@ -23,6 +23,7 @@ from optipfair.pruning.options import (
     PruningOptions,
     check_windows,
 )
+from optipfair.tasks import TaskOptions
 
 BASE_NAME = "base"
 VARIANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
@@ -110,6 +111,8 @@ EVALUATE = {
     "warmup_runs": (False, 1),
     # A text of another kind than the calibration text; None: the legal English shipped with the pipeline.
     "out_of_domain_file": (False, None),
+    # lm-eval tasks (optipfair.tasks.TaskOptions): names, task YAML paths, or {task, limit, num_fewshot, metric}.
+    "tasks": (False, []),
 }
 TRACKING = {"experiment": (False, "optipfair")}
 VARIANT_FIELDS = [f.name for f in fields(PruningOptions)]
@@ -174,8 +177,34 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     _positive_int(evaluate["warmup_runs"], "evaluate.warmup_runs", where, allow_zero=True)
     if evaluate["out_of_domain_file"] is not None:
         _check_text_file(evaluate["out_of_domain_file"], "evaluate.out_of_domain_file", where)
+    _check_tasks(evaluate["tasks"], where)
     variants = _variants(raw.get("variants"), where)
     return Params(path, base, data, calibration, evaluate, tracking, variants)
+
+
+def task_options(evaluate: Dict[str, Any]) -> list:
+    """The checked `evaluate.tasks` entries as optipfair.tasks.TaskOptions, in the order given."""
+    return [TaskOptions.from_value(value) for value in evaluate["tasks"]]
+
+
+def _check_tasks(tasks, where: str) -> None:
+    if not isinstance(tasks, list):
+        raise _fail(where, "evaluate.tasks", "must be a list of lm-eval task names or task YAML paths, e.g. [arc_easy]")
+    names = set()
+    for index, value in enumerate(tasks):
+        field = f"evaluate.tasks[{index}]"
+        try:
+            options = TaskOptions.from_value(value)
+        except OptionError as error:
+            raise _fail(where, f"{field}.{error.field}", error.problem) from None
+        except TypeError:
+            raise _fail(where, field, "must be a task name, a task YAML path or a mapping {task: ..., limit: ...}")
+        # Relative to the project root, where every stage runs; DVC watches it as a dep (dvc.yaml).
+        if options.is_file and not Path(options.task).is_file():
+            raise _fail(where, f"{field}.task", f"{options.task} is not a file; give the path of a task YAML")
+        if options.name in names:
+            raise _fail(where, f"{field}.task", f"{options.name} is given twice; list each task once")
+        names.add(options.name)
 
 
 def _fail(where: str, field: str, problem: str) -> ParamsError:

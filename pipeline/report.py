@@ -1,4 +1,4 @@
-"""report stage: one table (reports/summary.md) and two plots comparing the base model and every variant."""
+"""report stage: tables (reports/summary.md) and three plots comparing the base model and every variant."""
 
 from __future__ import annotations
 
@@ -65,8 +65,45 @@ def summary_markdown(params: Params, rows: Dict[str, dict]) -> str:
         f"[{layout.QUALITY_BENCHMARK}]({Path(os.path.relpath(layout.QUALITY_BENCHMARK, layout.SUMMARY.parent)).as_posix()}) "
         "(measured by `python -m benchmarks.quality`).",
         "",
+        *_task_table(rows),
     ]
     return "\n".join(lines)
+
+
+def _task_names(rows: Dict[str, dict]) -> List[str]:
+    """Every task in any model's metrics, in the order first met."""
+    return list(dict.fromkeys(task for m in rows.values() for task in m.get("tasks", {})))
+
+
+def _task_table(rows: Dict[str, dict]) -> List[str]:
+    """Markdown lines: each task's value ± stderr (ratio to base) per model, then why any was skipped."""
+    tasks = _task_names(rows)
+    if not tasks:
+        return []
+    metric_of = {task: next((m["tasks"][task]["metric"] for m in rows.values()
+                             if "metric" in m.get("tasks", {}).get(task, {})), "") for task in tasks}
+    header = " | ".join(f"{task} ({metric_of[task]})" if metric_of[task] else task for task in tasks)
+    lines = ["## Downstream tasks", "", f"| model | {header} |", "|---|" + "---:|" * len(tasks)]
+    skipped = []
+    for name, m in rows.items():
+        cells = []
+        for task in tasks:
+            result = m.get("tasks", {}).get(task)
+            if result is None:
+                cells.append("—")
+            elif "skipped" in result:
+                cells.append("skipped")
+                skipped.append(f"- {task} on {name}: {result['skipped']}")
+            else:
+                stderr = f" ± {result['stderr']:.3f}" if result.get("stderr") is not None else ""
+                ratio = m.get(f"task.{task}.ratio")
+                cells.append(f"{result['value']:.3f}{stderr}" + (f" (×{ratio:.2f})" if ratio is not None else ""))
+        lines.append(f"| {name} | {' | '.join(cells)} |")
+    lines += ["", "Scored by lm-evaluation-harness (zero-shot unless `num_fewshot` is set); ± is its standard "
+              "error, (×) the ratio to the base model.", ""]
+    if skipped:
+        lines += ["Skipped:", "", *skipped, ""]
+    return lines
 
 
 def _plots(rows: Dict[str, dict]) -> None:
@@ -100,6 +137,23 @@ def _plots(rows: Dict[str, dict]) -> None:
              title="Speed vs parameters")
     axis.legend()
     _save(figure, layout.PLOT_FILES["speed"])
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    tasks = _task_names(rows)
+    for task in tasks:
+        scored = [n for n in names if "value" in rows[n].get("tasks", {}).get(task, {})]
+        xs = [rows[n]["parameters"] / 1e6 for n in scored]
+        ys = [rows[n]["tasks"][task]["value"] for n in scored]
+        errors = [rows[n]["tasks"][task].get("stderr") or 0.0 for n in scored]
+        axis.errorbar(xs, ys, yerr=errors, fmt="o", capsize=3, label=task)
+        for name, x, y in zip(scored, xs, ys):
+            axis.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if any(axis.get_legend_handles_labels()[1]):
+        axis.legend()
+    else:  # the plot is a declared output: it exists, and says why it is empty
+        axis.text(0.5, 0.5, "no task scored (evaluate.tasks)", ha="center", va="center", transform=axis.transAxes)
+    axis.set(xlabel="parameters (millions)", ylabel="task score (higher is better)", title="Tasks vs parameters")
+    _save(figure, layout.PLOT_FILES["tasks"])
 
 
 def _save(figure, path) -> None:

@@ -39,11 +39,28 @@ def collect(params: Params) -> Dict[str, dict]:
 
 
 def ratios(metrics: dict, base: dict) -> Dict[str, float]:
-    """A variant's figures relative to the base model's: the RATIOS and parameter_reduction_pct."""
+    """A variant's figures relative to the base model's: the RATIOS, parameter_reduction_pct and
+    `task.<name>.ratio` for each task scored on both with the same metric."""
     derived = {"parameter_reduction_pct": round(100 * (1 - metrics["parameters"] / base["parameters"]), 2)}
     for metric, ratio in RATIOS.items():
         derived[ratio] = round(metrics[metric] / base[metric], 4)
+    base_tasks = base.get("tasks", {})
+    for task, result in metrics.get("tasks", {}).items():
+        reference = base_tasks.get(task, {})
+        if "value" in result and reference.get("metric") == result["metric"] and reference.get("value"):
+            derived[f"task.{task}.ratio"] = round(result["value"] / reference["value"], 4)
     return derived
+
+
+def task_metrics(metrics: dict) -> Dict[str, float]:
+    """A model's task scores as flat numbers (`task.<name>`, `task.<name>.stderr`); skipped tasks have none."""
+    flat = {}
+    for task, result in metrics.get("tasks", {}).items():
+        if "value" in result:
+            flat[f"task.{task}"] = result["value"]
+            if result.get("stderr") is not None:
+                flat[f"task.{task}.stderr"] = result["stderr"]
+    return flat
 
 
 def with_ratios(metrics_by_name: Dict[str, dict]) -> Dict[str, dict]:

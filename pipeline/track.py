@@ -13,6 +13,13 @@ point only for a value that changed, and the ledger it writes (reports/mlflow_ru
 each model in *this* store, git-ignored and not a DVC output, since another clone has another store)
 holds no per-sync state, so an unchanged pipeline leaves it byte for byte as it was.
 
+Each model is also an MLflow *logged model* (the experiment's Models tab), linked to its run and
+holding the same metrics, so the UI compares variants as models. It is an external model: MLflow
+stores no weights, only where they are (tag `optipfair.model_path`, models/<name> in this project)
+and which they are (`optipfair.dvc_md5`, the hash DVC recorded for that folder in dvc.lock; `dvc
+checkout` at the run's git commit brings them back). A rebuilt model (a new hash) is a new logged
+model of the same run; the old one stays as history.
+
 MLflow is optional to the artefacts: every DVC output exists before this stage runs, and a failure
 here says so and leaves them alone. Only this module imports MLflow; the library never does.
 """
@@ -24,19 +31,26 @@ import json
 import math
 import os
 import subprocess
+import tempfile
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Dict, Iterator
+
+import yaml
 
 from optipfair.errors import OptiPFairError
 from pipeline import layout
 from pipeline.params import BASE_NAME, Params
 from pipeline.layout import PLOT_FILES
-from pipeline.results import collect, with_ratios
+from pipeline.results import collect, task_metrics, with_ratios
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 KEY_TAG = "optipfair.run_key"
 COMPLETE_TAG = "optipfair.synced_sha256"
+PATH_TAG = "optipfair.model_path"
+HASH_TAG = "optipfair.dvc_md5"
+MODEL_TYPE = "optipfair"
 # MLflow's own HTTP defaults (7 retries, backoff factor 2, 120 s per request) keep retrying a tracking
 # server that is down for 4 min 17 s in silence, a budget meant for rate-limited shared servers. This
 # stage sends a few small requests, so it gives up after 3 tries: a refused connection fails in ~4 s,
@@ -153,26 +167,36 @@ def _sync(params: Params, all_metrics: Dict[str, dict], uri: str) -> Dict[str, d
         content_sha = hashlib.sha256(b"".join(hashlib.sha256(p.read_bytes()).digest() for p in artifacts)).hexdigest()
         key = run_key(params, model)
         found = client.search_runs([experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{key}'", max_results=1)
-        values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        values = {k: float(v) for k, v in {**metrics, **task_metrics(metrics)}.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        digest = dvc_hash(model)
         if found:
             run_id = found[0].info.run_id
-            if found[0].data.tags.get(COMPLETE_TAG) == content_sha:
+            logged_model = _logged_model(client, experiment_id, key, digest)
+            if found[0].data.tags.get(COMPLETE_TAG) == content_sha and logged_model is not None:
                 ledger[model] = {"run_id": run_id, "run_key": key, "status": "unchanged"}
                 continue
             status = "updated"
             # A metric's history is the values it took: a re-measured value is the next step, an equal
-            # value (the run was updated for another file, e.g. the report) adds no point.
+            # value (the run was updated for another file, e.g. the report) adds no point. A new logged
+            # model (the weights were rebuilt) gets every value: they were measured on it.
             latest = found[0].data.metrics
-            values = {k: v for k, v in values.items() if not _same(latest.get(k), v)}
+            if logged_model is not None:
+                values = {k: v for k, v in values.items() if not _same(latest.get(k), v)}
             steps = {k: _next_step(client, run_id, k) if k in latest else 0 for k in values}
         else:
             run_id = client.create_run(experiment_id, run_name=model, tags={KEY_TAG: key}).info.run_id
             status = "created"
             steps = dict.fromkeys(values, 0)
+            logged_model = None
+        if logged_model is None:
+            logged_model = _create_logged_model(client, experiment_id, run_id, model, key, digest,
+                                                run_params(params, model), commit)
+        model_id = logged_model.model_id
         timestamp = int(time.time() * 1000)
         client.log_batch(
             run_id,
-            metrics=[Metric(k, v, timestamp, steps[k]) for k, v in values.items()],
+            metrics=[Metric(k, v, timestamp, steps[k], model_id=model_id) for k, v in values.items()],
             params=[Param(k, v) for k, v in run_params(params, model).items()],
             tags=[
                 RunTag("git_commit", commit),
@@ -188,6 +212,44 @@ def _sync(params: Params, all_metrics: Dict[str, dict], uri: str) -> Dict[str, d
         client.set_terminated(run_id)
         ledger[model] = {"run_id": run_id, "run_key": key, "status": status}
     return ledger
+
+
+def dvc_hash(name: str) -> str:
+    """The md5 DVC recorded in dvc.lock for models/<name> ("none" when the model is not a DVC output)."""
+    lock = Path("dvc.lock")
+    if not lock.is_file():
+        return "none"
+    target = layout.model_dir(name).as_posix()
+    for stage in (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {}).values():
+        for out in stage.get("outs", []):
+            if out.get("path") == target and out.get("md5"):
+                return out["md5"]
+    return "none"
+
+
+def _logged_model(client, experiment_id: str, key: str, digest: str):
+    """The logged model of run key `key` with weights `digest`, or None."""
+    found = client.search_logged_models(
+        [experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{key}' AND tags.`{HASH_TAG}` = '{digest}'", max_results=1)
+    return found[0] if found else None
+
+
+def _create_logged_model(client, experiment_id, run_id, name, key, digest, params, commit):
+    """An external logged model (what mlflow.create_external_model makes): tags say where the weights are."""
+    from mlflow.entities import LoggedModelStatus
+    from mlflow.models.model import MLMODEL_FILE_NAME
+    from mlflow.models.utils import get_external_mlflow_model_spec
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_IS_EXTERNAL
+
+    tags = {MLFLOW_MODEL_IS_EXTERNAL: "true", KEY_TAG: key, HASH_TAG: digest,
+            PATH_TAG: layout.model_dir(name).as_posix(), "git_commit": commit}
+    logged = client.create_logged_model(experiment_id, name=name, source_run_id=run_id, tags=tags, params=params,
+                                        model_type=MODEL_TYPE)
+    # The MLmodel file MLflow writes for external models (no weights): it lets the model be registered.
+    with tempfile.TemporaryDirectory() as folder:
+        get_external_mlflow_model_spec(logged).save(os.path.join(folder, MLMODEL_FILE_NAME))
+        client.log_model_artifacts(logged.model_id, folder)
+    return client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
 
 
 def _same(logged, value: float) -> bool:

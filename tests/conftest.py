@@ -121,7 +121,7 @@ def dvc_env(**extra) -> dict:
 def new_dvc_project(root: Path, params: dict) -> Path:
     """A git + DVC repository at `root` holding this checkout's pipeline and library, with `params`."""
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for folder in ("pipeline", "optipfair"):
+    for folder in ("pipeline", "optipfair", "tasks"):
         shutil.copytree(ROOT / folder, root / folder, ignore=ignore)
     for file in ("dvc.yaml", ".dvcignore", "models/.gitignore"):
         (root / file).parent.mkdir(parents=True, exist_ok=True)
