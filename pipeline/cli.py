@@ -51,7 +51,9 @@ def _run(step: Callable[[Params], object], params_file: Path) -> object:
 def validate(params: Path = PARAMS_OPTION) -> None:
     """Check the params file and list the models it defines, without doing any work."""
     checked = _run(lambda p: p, params)
-    typer.echo(f"{params}: OK; base from {checked.base['source']}, variants: {', '.join(checked.variants) or 'none'}")
+    healed = f"; healed: {', '.join(checked.heal)}" if checked.heal else ""
+    typer.echo(f"{params}: OK; base from {checked.base['source']}, variants: {', '.join(checked.variants) or 'none'}"
+               f"{healed}")
 
 
 @app.command()

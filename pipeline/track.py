@@ -66,6 +66,8 @@ def run(params: Params) -> Dict[str, dict]:
     """
     uri = tracking_uri()
     metrics = with_ratios(collect(params))  # a missing metrics file is a pipeline problem, not a tracking one
+    for variant in params.heal:
+        _heal_record(variant)  # a missing loss curve too
     try:
         with _http_patience():
             ledger = _sync(params, metrics, uri)
