@@ -12,12 +12,13 @@ from typing import Callable
 import typer
 
 from optipfair.errors import OptiPFairError
-from pipeline.params import BASE_NAME, Params, load_params
+from pipeline.params import BASE_NAME, HEALED_SUFFIX, Params, healed_name, load_params
 
 app = typer.Typer(
     name="optipfair-pipeline",
     help=(
-        "Stages of the optipfair pruning pipeline: download -> analyze -> prune -> evaluate -> report -> track. "
+        "Stages of the optipfair pruning pipeline: download -> analyze -> prune (-> heal) -> evaluate -> report "
+        "-> track. "
         "`dvc repro` runs them all and only what changed; each command here runs one stage by hand."
     ),
     no_args_is_help=True,
@@ -50,7 +51,9 @@ def _run(step: Callable[[Params], object], params_file: Path) -> object:
 def validate(params: Path = PARAMS_OPTION) -> None:
     """Check the params file and list the models it defines, without doing any work."""
     checked = _run(lambda p: p, params)
-    typer.echo(f"{params}: OK; base from {checked.base['source']}, variants: {', '.join(checked.variants) or 'none'}")
+    healed = f"; healed: {', '.join(checked.heal)}" if checked.heal else ""
+    typer.echo(f"{params}: OK; base from {checked.base['source']}, variants: {', '.join(checked.variants) or 'none'}"
+               f"{healed}")
 
 
 @app.command()
@@ -91,10 +94,29 @@ def prune(
 
 
 @app.command()
+def heal(
+    variant: str = typer.Option(
+        ..., "--variant", "-v", help="Name of a variant with a block under `heal:` in the params file."
+    ),
+    params: Path = PARAMS_OPTION,
+) -> None:
+    """Train models/<variant> to match models/base again, into models/<variant>+healed."""
+    from pipeline import heal as stage
+
+    record = _run(lambda p: stage.run(p, variant), params)
+    losses = [point["loss"] for point in record["loss"]]
+    typer.echo(
+        f"{variant}: healed on {record['tokens']} tokens in {record['steps']} steps ({record['seconds']}s), "
+        f"loss {losses[0]:.4f} -> {losses[-1]:.4f}, saved to models/{healed_name(variant)}"
+    )
+
+
+@app.command()
 def evaluate(
     variant: str = typer.Option(
         ..., "--variant", "-v",
-        help=f"`{BASE_NAME}` or the name of a variant (timed side by side with models/{BASE_NAME}).",
+        help=f"`{BASE_NAME}`, the name of a variant or `<variant>{HEALED_SUFFIX}` (timed side by side with "
+        f"models/{BASE_NAME}).",
     ),
     params: Path = PARAMS_OPTION,
 ) -> None:

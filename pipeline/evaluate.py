@@ -38,9 +38,8 @@ from pipeline.texts import load_out_of_domain_text, load_texts
 
 
 def run(params: Params, name: str) -> Dict[str, float]:
-    """Evaluate model `name` (`base` or a variant); write and return its metrics."""
-    if name != BASE_NAME:
-        params.variant(name)  # an unknown name fails here, before a model is loaded
+    """Evaluate model `name` (`base`, a variant or `<variant>+healed`); write and return its metrics."""
+    params.check_model(name)  # an unknown name fails here, before a model is loaded
     settings = params.evaluate
     model, tokenizer = _load(name)
     tasks = _tasks(model, tokenizer, task_options(settings), name)

@@ -19,6 +19,8 @@ PLOTS = REPORTS / "plots"
 ANALYSIS = REPORTS / "analysis.json"
 SUMMARY = REPORTS / "summary.md"
 TRACKED_RUNS = REPORTS / "mlflow_runs.json"
+# Written by heal@<variant>: its loss curve (a DVC plot, MLflow step metrics) and how long it trained.
+HEAL = REPORTS / "heal"
 # Drawn by the report stage, logged as artifacts by the track stage.
 PLOT_FILES = {
     "perplexity": PLOTS / "perplexity_vs_parameters.png",
@@ -32,13 +34,18 @@ PROVENANCE = "optipfair_source.json"
 
 
 def model_dir(name: str) -> Path:
-    """The directory of model `name` (`base` or a variant)."""
+    """The directory of model `name` (`base`, a variant or `<variant>+healed`)."""
     return MODELS / name
 
 
 def metrics_file(name: str) -> Path:
     """The metrics JSON of model `name`."""
     return METRICS / f"{name}.json"
+
+
+def heal_file(variant: str) -> Path:
+    """The healing record (loss curve, steps, tokens, seconds, options) of `variant`'s healed model."""
+    return HEAL / f"{variant}.json"
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

@@ -1,8 +1,9 @@
 """Reading and checking `params.yaml`: every bad value is refused here, before any stage works.
 
 Each section of the file belongs to one or more stages (see dvc.yaml). `load_params` returns the
-sections as plain dicts with defaults filled in, plus one `Variant` per pruned variant. A bad value
-raises `ParamsError` with one message that names the field and says what to write instead.
+sections as plain dicts with defaults filled in, plus one `Variant` per pruned variant and the
+`HealOptions` of each variant that is healed. A bad value raises `ParamsError` with one message that
+names the field and says what to write instead.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import yaml
 
 from optipfair.data import check_text_file
 from optipfair.errors import OptiPFairError, OptionError
+from optipfair.healing import HealOptions
 from optipfair.pruning.options import (
     DEFAULT_CALIBRATION_SEQ_LEN,
     DEFAULT_CALIBRATION_TOKENS,
@@ -28,6 +30,18 @@ from optipfair.tasks import TaskOptions
 BASE_NAME = "base"
 VARIANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# The healed model of variant v is `v+healed`: a variant name cannot hold a '+', so no name collides.
+HEALED_SUFFIX = "+healed"
+
+
+def healed_name(variant: str) -> str:
+    """The name of the healed model of `variant` (models/<variant>+healed, reports/metrics/<variant>+healed.json)."""
+    return variant + HEALED_SUFFIX
+
+
+def healed_from(name: str) -> str | None:
+    """The variant that model `name` is the healed model of, or None when `name` is no healed model."""
+    return name[: -len(HEALED_SUFFIX)] if name.endswith(HEALED_SUFFIX) else None
 
 
 class ParamsError(OptiPFairError):
@@ -63,6 +77,7 @@ class Params:
     evaluate: Dict[str, Any]
     tracking: Dict[str, Any]
     variants: Dict[str, Variant]
+    heal: Dict[str, HealOptions]  # variant name -> how its healed model is trained; only healed variants
 
     def variant(self, name: str) -> Variant:
         """The variant called `name`, or a ParamsError listing the ones that exist."""
@@ -72,8 +87,30 @@ class Params:
         return self.variants[name]
 
     def model_names(self) -> list:
-        """`base` followed by every variant, in the order of the params file."""
-        return [BASE_NAME, *self.variants]
+        """`base` followed by every variant in the order of the params file, each healed variant followed by
+        its healed model (`<variant>+healed`)."""
+        names = [BASE_NAME]
+        for name in self.variants:
+            names += [name, healed_name(name)] if name in self.heal else [name]
+        return names
+
+    def healed_names(self) -> list:
+        """The names of the healed models (`<variant>+healed`), in the order of the variants."""
+        return [healed_name(name) for name in self.variants if name in self.heal]
+
+    def heal_options(self, name: str) -> HealOptions:
+        """How variant `name` is healed, or a ParamsError saying how to add its `heal:` block."""
+        self.variant(name)
+        if name not in self.heal:
+            raise ParamsError(f"{self.path}: variant {name!r} has no heal block; add `heal: {{{name}: {{num_tokens: ...}}}}`")
+        return self.heal[name]
+
+    def check_model(self, name: str) -> None:
+        """Refuse a model name that params does not define: `base`, a variant, or `<variant>+healed`."""
+        if healed_from(name) is not None:
+            self.heal_options(healed_from(name))
+        elif name != BASE_NAME:
+            self.variant(name)
 
 
 # Per section and per source: field -> (required, default). A field outside the schema is an error,
@@ -116,6 +153,7 @@ EVALUATE = {
 }
 TRACKING = {"experiment": (False, "optipfair")}
 VARIANT_FIELDS = [f.name for f in fields(PruningOptions)]
+HEAL_FIELDS = [f.name for f in fields(HealOptions)]
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -155,11 +193,11 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if not isinstance(raw, dict):
         raise ParamsError(f"{path} must be a mapping of sections (base, data, calibration, evaluate, variants)")
     where = str(path)
-    unknown = set(raw) - {"base", "data", "calibration", "evaluate", "tracking", "variants"}
+    unknown = set(raw) - {"base", "data", "calibration", "evaluate", "tracking", "variants", "heal"}
     if unknown:
         raise ParamsError(
             f"{where}: unknown section {sorted(unknown)[0]!r}; sections are base, data, calibration, "
-            "evaluate, tracking, variants"
+            "evaluate, tracking, variants, heal"
         )
     base = _sourced_section(raw, "base", BASE_SOURCES, where)
     data = _sourced_section(raw, "data", DATA_SOURCES, where, default_source="default")
@@ -179,7 +217,8 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         _check_text_file(evaluate["out_of_domain_file"], "evaluate.out_of_domain_file", where)
     _check_tasks(evaluate["tasks"], where)
     variants = _variants(raw.get("variants"), where)
-    return Params(path, base, data, calibration, evaluate, tracking, variants)
+    heal = _heal(raw, variants, where)
+    return Params(path, base, data, calibration, evaluate, tracking, variants, heal)
 
 
 def task_options(evaluate: Dict[str, Any]) -> list:
@@ -325,3 +364,33 @@ def _variants(raw, where: str) -> Dict[str, Variant]:
         except OptionError as error:
             raise _fail(where, f"{prefix}.{error.field}", error.problem) from None
     return variants
+
+
+def _heal(raw, variants: Dict[str, Variant], where: str) -> Dict[str, HealOptions]:
+    """The `heal:` section: variant name -> HealOptions. Absent means no variant is healed (`dvc repro` needs
+    the section, as `heal: {}`: see dvc.yaml; a stage run by hand does not).
+
+    It is a section of its own, not a block inside each variant, because DVC tracks a stage's params by
+    key: prune@v reads `variants.v`, so a heal block there would rebuild the pruned model on every edit
+    of its healing settings.
+    """
+    if "heal" in raw and raw["heal"] is None:
+        raise _fail(where, "heal", "empty; write `heal: {}` to heal no variant (dvc.yaml loops over the section)")
+    values = _mapping(raw, "heal", where, required=False)
+    heal = {}
+    for name, settings in values.items():
+        prefix = f"heal.{name}"
+        if name not in variants:
+            known = ", ".join(variants) or "none"
+            raise _fail(where, prefix, f"names no variant; heal a variant listed under `variants:` (known: {known})")
+        settings = {} if settings is None else settings  # `auto-35:` alone: heal with the library's defaults
+        if not isinstance(settings, dict):
+            raise _fail(where, prefix, "must be a mapping of healing settings, e.g. {num_tokens: 262144, train: mlp}")
+        for key in settings:
+            if key not in HEAL_FIELDS:
+                raise _fail(where, f"{prefix}.{key}", f"unknown field; allowed: {', '.join(HEAL_FIELDS)}")
+        try:
+            heal[name] = HealOptions(**settings)
+        except OptionError as error:
+            raise _fail(where, f"{prefix}.{error.field}", error.problem) from None
+    return heal

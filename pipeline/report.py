@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from pipeline import layout
-from pipeline.params import BASE_NAME, Params
+from pipeline.params import BASE_NAME, Params, healed_from
 from pipeline.results import collect, with_ratios
 from pipeline.texts import out_of_domain_label
 
@@ -24,6 +24,8 @@ def run(params: Params) -> str:
 def _setting(params: Params, name: str) -> str:
     if name == BASE_NAME:
         return "—"
+    if healed_from(name) is not None:
+        return f"{_setting(params, healed_from(name))} + healing"
     v = params.variants[name]
     if v.pruning_type == "DEPTH":
         return f"DEPTH −{v.num_layers_to_remove} layers"
@@ -52,6 +54,7 @@ def summary_markdown(params: Params, rows: Dict[str, dict]) -> str:
             f"| {m['prefill_tokens_per_s']:.0f}{ratio('prefill_speedup')} "
             f"| {m['generation_tokens_per_s']:.1f}{ratio('generation_speedup')} |"
         )
+    lines += healing_markdown(params, rows)
     base = rows[BASE_NAME]
     lines += [
         "",
@@ -103,6 +106,37 @@ def _task_table(rows: Dict[str, dict]) -> List[str]:
               "error, (×) the ratio to the base model.", ""]
     if skipped:
         lines += ["Skipped:", "", *skipped, ""]
+    return lines
+
+
+def healing_markdown(params: Params, rows: Dict[str, dict]) -> List[str]:
+    """What healing bought: each healed model beside the variant it was healed from (no lines when none is)."""
+    healed = params.healed_names()
+    if not healed:
+        return []
+    lines = [
+        "",
+        "## Healing",
+        "",
+        "| model | trained on | perplexity: unhealed → healed | out-of-domain perplexity: unhealed → healed |",
+        "|---|---|---:|---:|",
+    ]
+    for name in healed:
+        variant, m = healed_from(name), rows[name]
+        o = params.heal_options(variant)
+        before = rows[variant]
+        lines.append(
+            f"| {name} | {o.num_tokens} tokens, train {o.train}, learning rate {o.learning_rate:g} "
+            f"| {before['perplexity']:.2f} → {m['perplexity']:.2f} (×{m['perplexity_vs_unhealed']:.2f}) "
+            f"| {before['perplexity_out_of_domain']:.2f} → {m['perplexity_out_of_domain']:.2f} "
+            f"(×{m['perplexity_out_of_domain_vs_unhealed']:.2f}) |"
+        )
+    lines += [
+        "",
+        "Healed models are trained to match the base model's outputs on the calibration text (`heal:` in "
+        "params.yaml); ratios (×) are to the unhealed variant, below 1 is better. Loss curves: "
+        "`dvc plots show reports/heal`.",
+    ]
     return lines
 
 

@@ -14,7 +14,7 @@ from typing import Dict
 
 from optipfair.errors import OptiPFairError
 from pipeline import layout
-from pipeline.params import BASE_NAME, Params
+from pipeline.params import BASE_NAME, Params, healed_from
 
 # metric -> its ratio's name (variant value / base value), computed from the two metrics files.
 RATIOS = {
@@ -25,6 +25,11 @@ RATIOS = {
 }
 # Measured side by side by evaluate@<variant> and written in its metrics (base time / variant time).
 SPEED_RATIOS = ("prefill_speedup", "generation_speedup")
+# metric -> its ratio's name for a healed model: healed value / value of the variant it was healed from.
+HEALED_RATIOS = {
+    "perplexity": "perplexity_vs_unhealed",
+    "perplexity_out_of_domain": "perplexity_out_of_domain_vs_unhealed",
+}
 
 
 def collect(params: Params) -> Dict[str, dict]:
@@ -64,9 +69,20 @@ def task_metrics(metrics: dict) -> Dict[str, float]:
 
 
 def with_ratios(metrics_by_name: Dict[str, dict]) -> Dict[str, dict]:
-    """`collect`'s result with each variant's `ratios` added (base: parameter_reduction_pct 0)."""
+    """`collect`'s result with each variant's `ratios` added (base: parameter_reduction_pct 0), and each healed
+    model's `healed_ratios`."""
     base = metrics_by_name[BASE_NAME]
     return {
-        name: {**metrics, **({"parameter_reduction_pct": 0.0} if name == BASE_NAME else ratios(metrics, base))}
+        name: {**metrics, **({"parameter_reduction_pct": 0.0} if name == BASE_NAME else ratios(metrics, base)),
+               **healed_ratios(name, metrics_by_name)}
         for name, metrics in metrics_by_name.items()
     }
+
+
+def healed_ratios(name: str, metrics_by_name: Dict[str, dict]) -> Dict[str, float]:
+    """What healing bought: a healed model's HEALED_RATIOS to its unhealed variant (nothing for other models)."""
+    variant = healed_from(name)
+    if variant is None:
+        return {}
+    healed, unhealed = metrics_by_name[name], metrics_by_name[variant]
+    return {ratio: round(healed[metric] / unhealed[metric], 4) for metric, ratio in HEALED_RATIOS.items()}

@@ -34,6 +34,7 @@ import subprocess
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, Iterator
 
@@ -41,7 +42,7 @@ import yaml
 
 from optipfair.errors import OptiPFairError
 from pipeline import layout
-from pipeline.params import BASE_NAME, Params
+from pipeline.params import BASE_NAME, Params, healed_from
 from pipeline.layout import PLOT_FILES
 from pipeline.results import collect, task_metrics, with_ratios
 
@@ -79,6 +80,8 @@ def run(params: Params) -> Dict[str, dict]:
     """
     uri = tracking_uri()
     metrics = with_ratios(collect(params))  # a missing metrics file is a pipeline problem, not a tracking one
+    for variant in params.heal:
+        _heal_record(variant)  # a missing loss curve too
     try:
         with _http_patience():
             ledger = _sync(params, metrics, uri)
@@ -113,10 +116,12 @@ def run_key(params: Params, name: str) -> str:
     """Stable id of the configuration that produced model `name` (not of when it was built)."""
     identity = {"model": name, "base": params.base, "data": params.data, "evaluate": params.evaluate}
     if name != BASE_NAME:
-        variant = params.variants[name]
+        variant = params.variants[healed_from(name) or name]
         identity["variant"] = variant.fields()
         if variant.needs_calibration:
             identity["calibration"] = params.calibration
+        if healed_from(name):
+            identity["heal"] = asdict(params.heal_options(healed_from(name)))
     blob = json.dumps(identity, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:20]
 
@@ -131,10 +136,12 @@ def run_params(params: Params, name: str) -> Dict[str, str]:
     flat.update({f"data.{k}": v for k, v in params.data.items()})
     flat.update({f"evaluate.{k}": v for k, v in params.evaluate.items()})
     if name != BASE_NAME:
-        variant = params.variants[name]
+        variant = params.variants[healed_from(name) or name]
         flat.update({f"variant.{k}": v for k, v in variant.fields().items()})
         if variant.needs_calibration:
             flat.update({f"calibration.{k}": v for k, v in params.calibration.items()})
+        if healed_from(name):
+            flat.update({f"heal.{k}": v for k, v in asdict(params.heal_options(healed_from(name))).items()})
     # MLflow params are strings of at most 6000 characters; None means "not set" and is left out.
     return {k: str(v)[:6000] for k, v in flat.items() if v is not None}
 
@@ -163,6 +170,10 @@ def _sync(params: Params, all_metrics: Dict[str, dict], uri: str) -> Dict[str, d
     for model, metrics in all_metrics.items():
         metrics_path = layout.metrics_file(model)
         artifacts = [metrics_path, *shared_artifacts]
+        heal_record = None
+        if healed_from(model):
+            artifacts.append(layout.heal_file(healed_from(model)))
+            heal_record = _heal_record(healed_from(model))
         # What this run shows: when none of it changed since the last complete sync, skip the run.
         content_sha = hashlib.sha256(b"".join(hashlib.sha256(p.read_bytes()).digest() for p in artifacts)).hexdigest()
         key = run_key(params, model)
@@ -170,6 +181,8 @@ def _sync(params: Params, all_metrics: Dict[str, dict], uri: str) -> Dict[str, d
         values = {k: float(v) for k, v in {**metrics, **task_metrics(metrics)}.items()
                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
         digest = dvc_hash(model)
+        if heal_record:
+            values.update({f"heal_{k}": float(heal_record[k]) for k in ("steps", "tokens", "seconds")})
         if found:
             run_id = found[0].info.run_id
             logged_model = _logged_model(client, experiment_id, key, digest)
@@ -202,8 +215,11 @@ def _sync(params: Params, all_metrics: Dict[str, dict], uri: str) -> Dict[str, d
                 RunTag("git_commit", commit),
                 RunTag("mlflow.source.git.commit", commit.removesuffix("-dirty")),
                 RunTag("model_source", params.base["source"]),
+                *_healed_tags(model, ledger),
             ],
         )
+        if heal_record and (status == "created" or "heal_loss" not in found[0].data.metrics):
+            _log_loss_curve(client, run_id, heal_record, timestamp)
         for artifact in artifacts:
             # Kept under the same folders as in the project (reports/metrics/base.json, ...).
             client.log_artifact(run_id, str(artifact), artifact_path=str(artifact.parent))
@@ -250,6 +266,33 @@ def _create_logged_model(client, experiment_id, run_id, name, key, digest, param
         get_external_mlflow_model_spec(logged).save(os.path.join(folder, MLMODEL_FILE_NAME))
         client.log_model_artifacts(logged.model_id, folder)
     return client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+
+
+def _heal_record(variant: str) -> dict:
+    path = layout.heal_file(variant)
+    if not path.is_file():
+        raise OptiPFairError(f"{path} is missing: run `dvc repro` (or optipfair-pipeline heal --variant {variant})")
+    return layout.read_json(path)
+
+
+def _healed_tags(model: str, ledger: Dict[str, dict]) -> list:
+    """A healed model's run names its variant and the run of the unhealed model, logged just before it."""
+    from mlflow.entities import RunTag
+
+    variant = healed_from(model)
+    if variant is None:
+        return []
+    return [RunTag("variant", variant), RunTag("healed_from", variant),
+            RunTag("healed_from_run_id", ledger[variant]["run_id"])]
+
+
+def _log_loss_curve(client, run_id: str, record: dict, timestamp: int) -> None:
+    """The healing loss, one point per optimizer step, as MLflow step metric `heal_loss` (a chart in the UI)."""
+    from mlflow.entities import Metric
+
+    points = [Metric("heal_loss", float(p["loss"]), timestamp, p["step"]) for p in record["loss"]]
+    for start in range(0, len(points), 1000):  # MLflow takes at most 1000 metrics per batch
+        client.log_batch(run_id, metrics=points[start:start + 1000])
 
 
 def _same(logged, value: float) -> bool:

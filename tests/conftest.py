@@ -119,7 +119,11 @@ def dvc_env(**extra) -> dict:
 
 
 def new_dvc_project(root: Path, params: dict) -> Path:
-    """A git + DVC repository at `root` holding this checkout's pipeline and library, with `params`."""
+    """A git + DVC repository at `root` holding this checkout's pipeline and library, with `params`.
+
+    `heal: {}` is added when `params` has no `heal:` section: dvc.yaml loops over it.
+    """
+    params = {**params, "heal": params.get("heal", {})}
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for folder in ("pipeline", "optipfair", "tasks"):
         shutil.copytree(ROOT / folder, root / folder, ignore=ignore)

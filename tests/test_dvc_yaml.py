@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import re
 import shlex
 from pathlib import Path
 from typing import Dict, List, Set
@@ -28,10 +29,20 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "optipfair")
 CLI = ROOT / "pipeline" / "cli.py"
-# Params attributes -> the section each one reads. `variant(name)` reads the one variant a foreach
-# stage is for (`variants.${key}`); evaluate_base names no variant and never calls it for `base`.
-SECTIONS = {"base", "data", "calibration", "evaluate", "tracking", "variants"}
-METHODS = {"variant": "variants.${key}", "model_names": "variants", "path": None}
+# Params attributes -> the sections each one reads. `variant(name)` reads the one variant a foreach
+# stage is for (`variants.${key}`), `heal_options(name)` its heal block; `check_model(name)` reads the
+# entry that defines model `name`: `heal.${key}` in a stage for `${key}+healed`, else `variants.${key}`.
+# A stage with no `${key}` (evaluate_base) reads no per-variant entry.
+SECTIONS = {"base", "data", "calibration", "evaluate", "tracking", "variants", "heal"}
+MODEL_ENTRY = "the entry of the stage's model"
+METHODS = {
+    "variant": ("variants.${key}",),
+    "heal_options": ("heal.${key}",),
+    "check_model": (MODEL_ENTRY,),
+    "model_names": ("variants", "heal"),
+    "healed_names": ("variants", "heal"),
+    "path": (),
+}
 
 
 def module_file(name: str) -> Path | None:
@@ -97,8 +108,11 @@ def stage_code(command: str) -> Dict[Path, ast.Module]:
     return {path: tree for path, tree in code.items() if _has_code(tree)}
 
 
-def params_read(code: Dict[Path, ast.Module], foreach: bool) -> Set[str]:
-    """The params sections (or `variants.${key}`) read through `params.<attribute>` in `code`."""
+def params_read(code: Dict[Path, ast.Module], foreach: bool, healed: bool = False) -> Set[str]:
+    """The params sections (or `variants.${key}`, `heal.${key}`) read through `params.<attribute>` in `code`.
+
+    `healed`: the stage is for the healed model `${key}+healed`.
+    """
     sections = set()
     for path, tree in code.items():
         for node in ast.walk(tree):
@@ -106,11 +120,11 @@ def params_read(code: Dict[Path, ast.Module], foreach: bool) -> Set[str]:
                 if node.attr in SECTIONS:
                     sections.add(node.attr)
                 elif node.attr in METHODS:
-                    section = METHODS[node.attr]
-                    if section == "variants.${key}" and not foreach:
-                        continue
-                    if section:
-                        sections.add(section)
+                    for section in METHODS[node.attr]:
+                        if section == MODEL_ENTRY:
+                            section = "heal.${key}" if healed else "variants.${key}"
+                        if "${key}" not in section or foreach:
+                            sections.add(section)
                 else:
                     pytest.fail(f"{path.relative_to(ROOT)}: params.{node.attr} is unknown to this test; map it in "
                                 "SECTIONS or METHODS to the params section it reads")
@@ -142,7 +156,7 @@ def problems(dvc: dict) -> List[str]:
         declared = set(_paths(stage.get("params")))
         if "params.yaml" in deps:
             continue  # the whole file: every section
-        read = params_read(code, stage["foreach"])
+        read = params_read(code, stage["foreach"], healed='"${key}+healed"' in stage["cmd"])
         found += [f"{name}: params lack {section}" for section in sorted(read - declared)]
         found += [f"{name}: params list {section}, which its code does not read" for section in sorted(declared - read)]
     return found
@@ -171,7 +185,9 @@ def test_a_removed_dep_is_caught(stage, dep):
     assert any(problem.startswith(f"{stage}: deps lack ") for problem in problems(dvc))
 
 
-@pytest.mark.parametrize("stage,section", [("report", "evaluate"), ("prune", "variants.${key}"), ("download", "base")])
+@pytest.mark.parametrize("stage,section", [("report", "evaluate"), ("prune", "variants.${key}"), ("download", "base"),
+                                           ("heal", "heal.${key}"), ("evaluate_healed", "heal.${key}"),
+                                           ("report", "heal")])
 def test_a_removed_params_section_is_caught(stage, section):
     dvc = copy.deepcopy(_dvc())
     definition = dvc["stages"][stage].get("do", dvc["stages"][stage])
@@ -179,10 +195,19 @@ def test_a_removed_params_section_is_caught(stage, section):
     assert f"{stage}: params lack {section}" in problems(dvc)
 
 
+def test_a_healed_model_stage_reads_its_heal_block_not_its_variant():
+    # evaluate_healed@v runs the evaluate command for `v+healed`: its model is defined by heal.v, and an edit of
+    # variants.v reaches it through models/v+healed (prune, then heal), not as a param.
+    dvc = copy.deepcopy(_dvc())
+    dvc["stages"]["evaluate_healed"]["do"]["params"].append("variants.${key}")
+    assert problems(dvc) == ["evaluate_healed: params list variants.${key}, which its code does not read"]
+
+
 def test_variant_names_reach_the_commands_as_one_argument():
     # Unquoted, "my variant" would be two arguments and Typer's complaint would hide the naming rule.
     for name, stage in _stages(_dvc()).items():
-        assert stage["cmd"].count("${key}") == stage["cmd"].count('"${key}"'), f"{name}: quote ${{key}} in its cmd"
+        quoted = re.findall(r'"[^"]*\$\{key\}[^"]*"', stage["cmd"])  # "${key}" or "${key}+healed"
+        assert stage["cmd"].count("${key}") == len(quoted), f"{name}: quote ${{key}} in its cmd"
 
 
 def test_the_validate_stage_reruns_on_any_params_yaml_edit():

@@ -1,0 +1,276 @@
+"""Healing: a short distillation that wins back what pruning cost, from the unpruned model itself.
+
+The pruned model (the student) is trained to match the unpruned model (the teacher) on
+calibration text, with a fixed token budget: the loss is the KL divergence from the teacher's
+next-token distribution to the student's, at every position, optionally plus a per-layer
+hidden-state term. Only the student trains; the teacher runs without gradients, and its logits
+are computed batch by batch, never stored, so memory holds the two models, the optimizer state
+of what trains and one window's activations.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from optipfair.adapters import get_adapter
+from optipfair.errors import OptiPFairError, OptionError
+from optipfair.pruning.options import _number, whole_number
+
+TRAINABLE = ("mlp", "all", "lora")
+# Defaults measured on SmolLM2-135M-Instruct (benchmarks/results/heal.md).
+DEFAULT_HEAL_TOKENS = 32768
+DEFAULT_HEAL_SEQ_LEN = 512
+DEFAULT_HEAL_LR = 1e-4
+
+
+class HealingError(OptiPFairError):
+    """The student cannot be healed from this teacher, or training broke down (NaN loss)."""
+
+
+@dataclass(frozen=True)
+class HealOptions:
+    """
+    How to heal a pruned model from its unpruned teacher.
+
+    Args:
+        num_tokens: Training token budget (> 0): every token is seen once unless the windows are fewer
+        seq_len: Tokens per training window (for `optipfair.data.token_windows`)
+        learning_rate: Peak AdamW learning rate (linear warm-up over the first 10 % of steps, then linear decay to 0)
+        train: Which weights train: "mlp" (the MLP projections only), "all", or "lora" (low-rank adapters, needs peft)
+        seed: Seed of the window order (and of the LoRA initialisation)
+        batch_size: Windows per optimizer step (run one at a time, so memory holds one window's activations)
+        temperature: Softmax temperature of the KL term
+        hidden_weight: Weight of the per-layer hidden-state MSE term (0: logits only)
+        lora_rank: Rank of the LoRA adapters (train="lora")
+
+    Built from user values, it checks them all and raises `OptionError` on the first bad one.
+    """
+
+    num_tokens: int = DEFAULT_HEAL_TOKENS
+    seq_len: int = DEFAULT_HEAL_SEQ_LEN
+    learning_rate: float = DEFAULT_HEAL_LR
+    train: str = "mlp"
+    seed: int = 0
+    batch_size: int = 4
+    temperature: float = 1.0
+    hidden_weight: float = 0.0
+    lora_rank: int = 16
+
+    def __post_init__(self):
+        whole_number("num_tokens", self.num_tokens)
+        whole_number("seq_len", self.seq_len, minimum=2)
+        if self.num_tokens < self.seq_len:
+            raise OptionError("num_tokens", f"must be at least seq_len ({self.seq_len}), got {self.num_tokens}")
+        _number("learning_rate", self.learning_rate, 0, 1, low_open=True)
+        train = str(self.train).lower()
+        if train not in TRAINABLE:
+            raise OptionError("train", f"unknown choice {self.train!r}; choose one of {', '.join(TRAINABLE)}")
+        object.__setattr__(self, "train", train)
+        whole_number("seed", self.seed, minimum=0)
+        whole_number("batch_size", self.batch_size)
+        _number("temperature", self.temperature, 0, low_open=True)
+        _number("hidden_weight", self.hidden_weight, 0)
+        whole_number("lora_rank", self.lora_rank)
+
+
+@dataclass
+class HealResult:
+    """What a healing run did: optimizer steps, tokens trained on, wall time, the loss of each step."""
+
+    steps: int
+    tokens: int
+    seconds: float
+    losses: List[float] = field(default_factory=list)
+
+
+def check_descendant(student: nn.Module, teacher: nn.Module) -> None:
+    """Raise HealingError unless `student` is `teacher` pruned: same vocabulary and hidden size,
+    the same layers (or fewer, for depth pruning), MLPs no wider than the teacher's."""
+    s, t = get_adapter(student), get_adapter(teacher)
+    s_vocab, t_vocab = student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0]
+    if s_vocab != t_vocab:
+        raise HealingError(
+            f"the student's vocabulary has {s_vocab} tokens, the teacher's {t_vocab}: heal from the model it was pruned from"
+        )
+    if s.hidden_size != t.hidden_size:
+        raise HealingError(
+            f"the student's hidden size is {s.hidden_size}, the teacher's {t.hidden_size}: "
+            "heal from the model it was pruned from"
+        )
+    if len(s.layers) > len(t.layers):
+        raise HealingError(
+            f"the student has {len(s.layers)} layers, the teacher {len(t.layers)}: heal from the model it was pruned from"
+        )
+    if len(s.layers) < len(t.layers) and s.width(s.mlps[0]) != t.width(t.mlps[0]):
+        raise HealingError(
+            f"the student has {len(s.layers)} layers and the teacher {len(t.layers)}, and their MLP widths differ: "
+            "only depth pruning removes layers, and it keeps every width"
+        )
+    widest = t.width(t.mlps[0])
+    for index, mlp in enumerate(s.mlps):
+        if s.width(mlp) > max(t.width(m) for m in t.mlps):
+            raise HealingError(
+                f"layer {index} of the student has an MLP {s.width(mlp)} wide, wider than the teacher's {widest}: "
+                "heal from the model it was pruned from"
+            )
+
+
+def heal(
+    student: nn.Module,
+    teacher: nn.Module,
+    windows: torch.Tensor,
+    options: HealOptions = HealOptions(),
+    show_progress: bool = True,
+) -> HealResult:
+    """
+    Train `student` in place to match `teacher` on `windows`.
+
+    Args:
+        student: The pruned model; trained in place (its weights are undefined after a HealingError)
+        teacher: The model it was pruned from; not modified
+        windows: Token ids [n, seq_len] of calibration text, e.g. from
+            `optipfair.data.token_windows(tokenizer, text, options.num_tokens, options.seq_len)`
+        options: Budget, learning rate, what trains (`HealOptions`)
+        show_progress: Whether to show a progress bar with the loss and ETA
+
+    Returns:
+        HealResult: steps, tokens, seconds and the loss of every step.
+
+    Raises HealingError before training when the student is not a pruned descendant of the
+    teacher, and during it when the loss becomes NaN or infinite (naming the step).
+    """
+    check_descendant(student, teacher)
+    windows = _check_windows(windows, student)
+    device = next(student.parameters()).device
+    generator = torch.Generator().manual_seed(options.seed)
+    torch.manual_seed(options.seed)  # LoRA initialisation, dropout (none by default)
+
+    seq_len = windows.shape[1]
+    per_step = options.batch_size * seq_len
+    steps = max(1, math.ceil(min(options.num_tokens, windows.numel()) / per_step))
+    order = _window_order(len(windows), steps * options.batch_size, generator)
+
+    model = _trainable(student, options)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=options.learning_rate, weight_decay=0.0)
+    warmup = max(1, steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))
+    )
+    use_hidden = options.hidden_weight > 0 and len(get_adapter(student).layers) == len(get_adapter(teacher).layers)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+    teacher_was_training, student_was_training = teacher.training, student.training
+    teacher.eval()
+    model.train()
+    losses: List[float] = []
+    start = time.perf_counter()
+    bar = tqdm(range(steps), desc="Healing", unit="step", disable=not show_progress)
+    try:
+        for step in bar:
+            optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            for index in order[step * options.batch_size : (step + 1) * options.batch_size]:
+                batch = windows[index : index + 1].to(device)
+                with autocast:
+                    with torch.no_grad():
+                        target = teacher(input_ids=batch, use_cache=False, output_hidden_states=use_hidden)
+                    output = model(input_ids=batch, use_cache=False, output_hidden_states=use_hidden)
+                    loss = _loss(output, target, options, use_hidden) / options.batch_size
+                if not torch.isfinite(loss):
+                    raise HealingError(
+                        f"loss became {loss.item()} at step {step + 1}; nothing was kept (lower the learning rate, "
+                        f"now {options.learning_rate:g})"
+                    )
+                loss.backward()
+                total += loss.item()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            losses.append(total)
+            bar.set_postfix(loss=f"{total:.4f}")
+    finally:
+        bar.close()
+        teacher.train(teacher_was_training)
+        model.train(student_was_training)
+    if options.train == "lora":
+        _merge_lora(student, model)
+    for parameter in student.parameters():
+        parameter.requires_grad_(True)
+    return HealResult(steps=steps, tokens=steps * per_step, seconds=time.perf_counter() - start, losses=losses)
+
+
+def _check_windows(windows, student: nn.Module) -> torch.Tensor:
+    if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.numel() == 0:
+        shape = tuple(windows.shape) if isinstance(windows, torch.Tensor) else type(windows).__name__
+        raise OptiPFairError(f"windows must be a non-empty 2-D tensor of token ids [n, seq_len], got {shape}")
+    if windows.dtype not in (torch.int32, torch.int64):
+        raise OptiPFairError(f"windows must hold integer token ids, got {windows.dtype}")
+    vocab = student.get_output_embeddings().weight.shape[0]
+    if windows.min() < 0 or windows.max() >= vocab:
+        raise HealingError(f"windows hold token ids outside the model's vocabulary of {vocab}: wrong tokenizer")
+    return windows.long()
+
+
+def _window_order(count: int, needed: int, generator: torch.Generator) -> List[int]:
+    """`needed` window indices: shuffled passes over all windows (one pass when the budget allows)."""
+    order: List[int] = []
+    while len(order) < needed:
+        order += torch.randperm(count, generator=generator).tolist()
+    return order[:needed]
+
+
+def _loss(output, target, options: HealOptions, use_hidden: bool) -> torch.Tensor:
+    """KL(teacher || student) per token on the next-token distributions, plus the hidden-state term."""
+    t = options.temperature
+    student_logp = F.log_softmax(output.logits.float() / t, dim=-1)
+    teacher_logp = F.log_softmax(target.logits.float() / t, dim=-1)
+    kl = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="none").sum(-1).mean() * t * t
+    if not use_hidden:
+        return kl
+    # Each layer's output against the teacher's, scaled by the teacher's own size there, so
+    # that layers with large activations do not dominate.
+    terms = [
+        F.mse_loss(s.float(), h.float()) / h.float().pow(2).mean().clamp_min(1e-6)
+        for s, h in zip(output.hidden_states[1:], target.hidden_states[1:])
+    ]
+    return kl + options.hidden_weight * torch.stack(terms).mean()
+
+
+def _trainable(student: nn.Module, options: HealOptions) -> nn.Module:
+    """The module to train: the student with only the chosen weights trainable, or a LoRA wrapper of it."""
+    if options.train == "all":
+        for parameter in student.parameters():
+            parameter.requires_grad_(True)
+        return student
+    for parameter in student.parameters():
+        parameter.requires_grad_(False)
+    adapter = get_adapter(student)
+    if options.train == "mlp":
+        for mlp in adapter.mlps:
+            for parameter in mlp.parameters():
+                parameter.requires_grad_(True)
+        return student
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise OptionError("train", "lora needs the peft package: pip install 'optipfair[heal]'") from None
+    names = sorted({name.rsplit(".", 1)[-1] for mlp in adapter.mlps for name, m in mlp.named_modules()
+                    if isinstance(m, nn.Linear)})
+    names += ["q_proj", "k_proj", "v_proj", "o_proj"]
+    config = LoraConfig(r=options.lora_rank, lora_alpha=options.lora_rank, lora_dropout=0.0, target_modules=names)
+    return get_peft_model(student, config)
+
+
+def _merge_lora(student: nn.Module, wrapped: nn.Module) -> None:
+    """Fold the LoRA adapters into the student's own weights, so it saves as a plain model."""
+    wrapped.merge_and_unload()

@@ -1,0 +1,48 @@
+"""heal stage: train a pruned variant to match the base model again (`optipfair.healing.heal`).
+
+The student is models/<variant>, the teacher models/base; both are read in float32, whatever they
+were saved in, so the training step is the same on every machine. The training text is the
+calibration part of `data:` (never the evaluation part, so the healed model's perplexity is measured
+on text it did not train on). The healed model goes to models/<variant>+healed; its loss curve and
+what the training cost go to reports/heal/<variant>.json, a DVC plot that the track stage also logs
+to MLflow as step metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from optipfair.data import token_windows
+from optipfair.errors import OptionError
+from optipfair.healing import heal
+from optipfair.io import load_model, save_model
+from pipeline import layout
+from pipeline.params import BASE_NAME, Params, ParamsError, healed_name
+from pipeline.texts import load_texts
+
+
+def run(params: Params, name: str) -> dict:
+    """Heal variant `name` into models/<name>+healed; write and return its healing record."""
+    options = params.heal_options(name)  # an unknown variant or a missing heal block fails before any loading
+    student, tokenizer = load_model(str(layout.model_dir(name)), dtype="float32")
+    teacher, _ = load_model(str(layout.model_dir(BASE_NAME)), dtype="float32")
+    training_text, _ = load_texts(params.data)
+    windows = token_windows(tokenizer, training_text, options.num_tokens, options.seq_len)
+    # Progress goes to stderr, so `dvc repro` shows how far the training is.
+    try:
+        result = heal(student, teacher, windows, options, show_progress=True)
+    except OptionError as error:  # a choice this machine cannot run (train: lora without peft)
+        raise ParamsError(f"{params.path}: heal.{name}.{error.field}: {error.problem}") from None
+    record = {
+        "variant": name,
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "seconds": round(result.seconds, 2),
+        "options": asdict(options),
+        # A list of {step, loss} rows: the shape `dvc plots` and MLflow step metrics both read.
+        "loss": [{"step": step, "loss": loss} for step, loss in enumerate(result.losses)],
+    }
+    # The model first: a record without its model would claim a training that left nothing.
+    save_model(student, tokenizer, str(layout.model_dir(healed_name(name))))
+    layout.write_json_atomic(layout.heal_file(name), record)
+    return record

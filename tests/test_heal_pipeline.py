@@ -1,0 +1,227 @@
+"""Healing in the DVC pipeline: a real `dvc repro` in a temporary git repository on a tiny model.
+
+What a user relies on: a variant listed under `heal:` gets a healed model (models/<variant>+healed)
+that loads like any model, evaluated, reported and tracked beside its unhealed variant; editing
+only its `heal:` block re-runs the healing and what follows, never the pruning; a bad heal setting
+is one line naming the field, and leaves no model behind.
+
+The first full `dvc repro` is built once per module; every test that runs DVC again works on its
+own copy of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import BIN, dvc_env, new_dvc_project
+
+HEAL = {"num_tokens": 512, "seq_len": 64, "batch_size": 2, "learning_rate": 0.001}  # 4 optimizer steps
+PARAMS = {
+    "base": {"source": "local"},  # path filled in by the fixture
+    "data": {"source": "default"},
+    "calibration": {"num_tokens": 256, "seq_len": 64},
+    "evaluate": {"num_tokens": 256, "seq_len": 64, "prompt": "def f(x):", "max_new_tokens": 4, "num_runs": 1,
+                 "warmup_runs": 0},
+    "tracking": {"experiment": "heal-test"},
+    "variants": {
+        "maw-25": {"method": "MAW", "pruning_percentage": 25},
+        "vow-50": {"method": "VOW", "pruning_percentage": 50, "round_to": 8},
+    },
+    "heal": {"vow-50": HEAL},
+}
+# What an edit of heal.vow-50 re-runs (validate re-runs on every edit of params.yaml; it only reads it).
+HEAL_STAGES = {"validate", "heal@vow-50", "evaluate_healed@vow-50", "report", "track"}
+
+
+def _repro(project: Path, *args: str) -> tuple[set, subprocess.CompletedProcess]:
+    """Run `dvc repro`; return the names of the stages it ran, and the finished process."""
+    done = subprocess.run([str(BIN / "dvc"), "repro", *args], cwd=project, capture_output=True, text=True,
+                          env=dvc_env())
+    return set(re.findall(r"Running stage '([^']+)'", done.stdout + done.stderr)), done
+
+
+def _edit_params(project: Path, change) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    change(params)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _runs(project: Path) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("heal-test")
+    return client, client.search_runs([experiment.experiment_id], max_results=100)
+
+
+def _digest(folder: Path) -> dict:
+    """file name -> sha256 of every file of a model directory."""
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_model_dir):
+    """The project after its first full `dvc repro`: (project, stages run, process). Read it, never change it."""
+    params = {**PARAMS, "base": {"source": "local", "path": str(tiny_model_dir)}}
+    project = new_dvc_project(tmp_path_factory.mktemp("healed"), params)
+    ran, done = _repro(project)
+    return project, ran, done
+
+
+@pytest.fixture
+def project(built, tmp_path):
+    """A private copy of the built project (git repository, DVC cache, MLflow store and all)."""
+    copy = tmp_path / "project"
+    shutil.copytree(built[0], copy, symlinks=True)
+    return copy
+
+
+def test_repro_heals_the_listed_variant_and_only_it(built):
+    project, ran, done = built
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert ran == {"validate", "download", "analyze", "prune@maw-25", "prune@vow-50", "heal@vow-50",
+                   "evaluate_base", "evaluate@maw-25", "evaluate@vow-50", "evaluate_healed@vow-50", "report", "track"}
+    assert not (project / "models/maw-25+healed").exists()
+
+
+def test_the_healed_model_loads_like_any_model_and_only_its_mlp_trained(built):
+    from transformers import AutoModelForCausalLM
+
+    project = built[0]
+    healed = AutoModelForCausalLM.from_pretrained(project / "models/vow-50+healed").state_dict()
+    pruned = AutoModelForCausalLM.from_pretrained(project / "models/vow-50").state_dict()
+    assert healed.keys() == pruned.keys()
+    changed = {name for name in healed if not healed[name].equal(pruned[name])}
+    # train: mlp (the default): the MLP projections moved, attention and embeddings did not.
+    assert changed and all(".mlp." in name for name in changed), changed
+    assert all(healed[name].shape == pruned[name].shape for name in healed)
+
+
+def test_the_loss_curve_is_a_dvc_plot_with_one_point_per_step(built):
+    project = built[0]
+    record = json.loads((project / "reports/heal/vow-50.json").read_text())
+    assert record["steps"] == 4 and record["tokens"] == 512 and record["options"]["learning_rate"] == 0.001
+    assert [point["step"] for point in record["loss"]] == [0, 1, 2, 3]
+    assert all(point["loss"] > 0 for point in record["loss"])
+    shown = subprocess.run([str(BIN / "dvc"), "plots", "show", "--json"], cwd=project, capture_output=True,
+                           text=True, env=dvc_env())
+    assert shown.returncode == 0 and "reports/heal/vow-50.json" in shown.stdout, shown.stderr
+
+
+def test_report_shows_the_healed_model_beside_its_variant(built):
+    project = built[0]
+    summary = (project / "reports/summary.md").read_text()
+    rows = [line.split(" | ")[0].lstrip("| ") for line in summary.splitlines() if line.startswith("| ")]
+    assert rows[:5] == ["model", "base", "maw-25", "vow-50", "vow-50+healed"]
+    assert "| vow-50+healed | VOW 50%, round_to 8 + healing |" in summary
+    unhealed = json.loads((project / "reports/metrics/vow-50.json").read_text())
+    healed = json.loads((project / "reports/metrics/vow-50+healed.json").read_text())
+    assert healed["parameters"] == unhealed["parameters"]
+    ratio = healed["perplexity"] / unhealed["perplexity"]
+    assert (f"| {unhealed['perplexity']:.2f} → {healed['perplexity']:.2f} (×{ratio:.2f}) |") in summary
+
+
+def test_mlflow_holds_the_healed_run_with_its_loss_curve(built):
+    project = built[0]
+    client, runs = _runs(project)
+    by_name = {run.info.run_name: run for run in runs}
+    assert set(by_name) == {"base", "maw-25", "vow-50", "vow-50+healed"}
+    healed = by_name["vow-50+healed"]
+    assert healed.data.tags["variant"] == "vow-50" and healed.data.tags["healed_from"] == "vow-50"
+    assert healed.data.tags["healed_from_run_id"] == by_name["vow-50"].info.run_id
+    assert healed.data.params["heal.num_tokens"] == "512" and healed.data.params["variant.method"] == "VOW"
+    record = json.loads((project / "reports/heal/vow-50.json").read_text())
+    history = sorted((m.step, m.value) for m in client.get_metric_history(healed.info.run_id, "heal_loss"))
+    assert history == [(p["step"], pytest.approx(p["loss"])) for p in record["loss"]]
+    metrics = json.loads((project / "reports/metrics/vow-50+healed.json").read_text())
+    unhealed = json.loads((project / "reports/metrics/vow-50.json").read_text())
+    assert healed.data.metrics["perplexity_vs_unhealed"] == pytest.approx(
+        metrics["perplexity"] / unhealed["perplexity"], abs=1e-4)
+    assert healed.data.metrics["heal_steps"] == 4
+
+
+def test_editing_only_the_heal_block_reheals_without_pruning_again(project):
+    pruned = _digest(project / "models/vow-50")
+    healed = _digest(project / "models/vow-50+healed")
+    _edit_params(project, lambda p: p["heal"]["vow-50"].update(learning_rate=0.003))
+    ran, done = _repro(project)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert ran == HEAL_STAGES
+    assert _digest(project / "models/vow-50") == pruned
+    assert _digest(project / "models/vow-50+healed") != healed
+    # A new heal configuration is a new MLflow run; the old one stays as history.
+    client, runs = _runs(project)
+    rates = sorted(run.data.params["heal.learning_rate"] for run in runs if run.info.run_name == "vow-50+healed")
+    assert rates == ["0.001", "0.003"]
+
+
+def test_healing_nothing_is_heal_colon_empty_and_drops_the_healed_rows(project):
+    _edit_params(project, lambda p: p.update(heal={}))
+    ran, done = _repro(project)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert ran == {"validate", "report", "track"}
+    assert "vow-50+healed" not in (project / "reports/summary.md").read_text()
+
+
+def test_a_params_file_without_heal_section_is_refused_by_dvc_before_any_stage(project):
+    _edit_params(project, lambda p: p.pop("heal"))
+    ran, done = _repro(project)
+    assert done.returncode != 0 and ran == set()
+    assert "Could not find 'heal'" in done.stderr, done.stderr
+
+
+def test_a_bad_heal_budget_stops_repro_with_one_line_and_keeps_the_models(project):
+    healed = _digest(project / "models/vow-50+healed")
+    _edit_params(project, lambda p: p["heal"]["vow-50"].update(num_tokens=0))
+    ran, done = _repro(project)
+    assert done.returncode != 0
+    assert "heal.vow-50.num_tokens:" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not ran & {"prune@vow-50", "evaluate_healed@vow-50", "report", "track"}
+    assert _digest(project / "models/vow-50+healed") == healed
+
+
+BAD_HEAL = [
+    ("heal.vow-50.num_tokens", {"vow-50": {**HEAL, "num_tokens": 0}}),
+    ("heal.vow-50.num_tokens", {"vow-50": {**HEAL, "num_tokens": -512}}),
+    ("heal.vow-50.learning_rate", {"vow-50": {**HEAL, "learning_rate": 0}}),
+    ("heal.vow-50.train", {"vow-50": {**HEAL, "train": "everything"}}),
+    ("heal.vow-50.epochs", {"vow-50": {**HEAL, "epochs": 2}}),
+    ("heal.vow-99", {"vow-99": HEAL}),
+    ("heal.vow-50", {"vow-50": [512]}),
+    ("heal", None),
+]
+
+
+@pytest.mark.parametrize("field,heal", BAD_HEAL, ids=[f"{field}={heal}" for field, heal in BAD_HEAL])
+def test_bad_heal_settings_are_refused_with_one_line_naming_the_field(field, heal, tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    params = {**PARAMS, "base": {"source": "local", "path": str(tiny_model_dir)}, "heal": heal}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = CliRunner().invoke(app, ["heal", "--variant", "vow-50", "--params", str(tmp_path / "params.yaml")])
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and f": {field}:" in result.stderr, result.stderr
+    assert not (tmp_path / "models").exists()
+
+
+def test_healing_or_evaluating_a_variant_without_heal_block_names_the_fix(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    params = {**PARAMS, "base": {"source": "local", "path": str(tiny_model_dir)}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for command in (["heal", "--variant", "maw-25"], ["evaluate", "--variant", "maw-25+healed"]):
+        result = CliRunner().invoke(app, [*command, "--params", str(tmp_path / "params.yaml")])
+        assert result.exit_code == 2 and "variant 'maw-25' has no heal block" in result.stderr, result.stderr
+    assert not (tmp_path / "models").exists() and not (tmp_path / "reports").exists()
