@@ -201,14 +201,13 @@ def _out_of_core(asked: Optional[bool], model_path: str, device: str, dtype: str
     from pathlib import Path
 
     from optipfair.io import resolve_device, resolve_dtype
-    from optipfair.streaming import available_memory_bytes, in_memory_bytes
+    from optipfair.streaming import fits_in_memory
 
     if asked is not None:
         return asked
     if not (Path(model_path) / "config.json").is_file():
         return False  # a Hub id: loaded in memory as before
-    budget = budget_gib * 2**30 if budget_gib is not None else 0.8 * available_memory_bytes()
-    return in_memory_bytes(model_path, resolve_dtype(dtype, resolve_device(device))) > budget
+    return not fits_in_memory(model_path, resolve_dtype(dtype, resolve_device(device)), budget_gib)
 
 
 def _prune_out_of_core(model_path, output_path, options, device, dtype, trust_remote_code, calibration_source,

@@ -29,8 +29,15 @@ def resolve_device(device: str = "auto") -> str:
         torch.device(device)
     except RuntimeError as error:
         raise OptiPFairError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from error
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise OptiPFairError(f"device {device} asked for, but no CUDA GPU is available: use --device cpu")
+    if device.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise OptiPFairError(f"device {device} asked for, but this machine has no CUDA GPU; use cpu or auto")
+        index = torch.device(device).index
+        if index is not None and index >= count:
+            raise OptiPFairError(f"device {device} asked for, but this machine has {count} GPU(s): cuda:0 to cuda:{count - 1}")
+    elif device not in ("cpu",):
+        raise OptiPFairError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
     return device
 
 
@@ -76,6 +83,16 @@ def load_model(
     except (OSError, ValueError):
         tokenizer = None
     return model, tokenizer
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    """The tokenizer saved with a model, or an OptiPFairError saying the directory has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise OptiPFairError(f"{path} has no usable tokenizer ({str(error).splitlines()[0]})") from None
 
 
 def load_skeleton(path: str, trust_remote_code: bool = False) -> torch.nn.Module:

@@ -191,6 +191,16 @@ def in_memory_bytes(model_path: str | Path, dtype: torch.dtype = torch.float32) 
     return total * torch.tensor([], dtype=dtype).element_size()
 
 
+def fits_in_memory(model_path: str | Path, dtype: torch.dtype, budget_gib: Optional[float] = None) -> bool:
+    """Whether the checkpoint's weights in `dtype` fit `budget_gib` (see `memory_budget_bytes`)."""
+    return in_memory_bytes(model_path, dtype) <= memory_budget_bytes(budget_gib)
+
+
+def memory_budget_bytes(budget_gib: Optional[float] = None) -> int:
+    """`budget_gib` in bytes; by default 80 % of the memory available now (the rest: activations, Python)."""
+    return int(budget_gib * 2**30) if budget_gib is not None else int(0.8 * available_memory_bytes())
+
+
 def available_memory_bytes() -> int:
     """Memory this machine can give a new process now (MemAvailable), or its total memory."""
     try:

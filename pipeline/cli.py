@@ -124,7 +124,9 @@ def evaluate(
     from pipeline import evaluate as stage
 
     metrics = _run(lambda p: stage.run(p, variant), params)
-    if variant == BASE_NAME:
+    if "speed_skipped" in metrics:
+        speed = "speed not measured (out of core)"
+    elif variant == BASE_NAME:
         speed = (f"prefill {metrics['prefill_tokens_per_s']:.0f} tok/s, "
                  f"generation {metrics['generation_tokens_per_s']:.1f} tok/s")
     else:

@@ -13,9 +13,14 @@ perplexity, parameters and size are not written here but computed from two metri
 pipeline.results, so a variant's evaluation never depends on the base model's.
 
 Downstream tasks (`evaluate.tasks`) are scored by lm-evaluation-harness on the model already
-loaded here, on the GPU when there is one (optipfair.tasks). They run first, so a task name lm-eval
-does not know stops the stage before the long measurements; a task that cannot run (lm-eval not
-installed, its dataset unreachable) is recorded as skipped with the reason, and the rest completes.
+loaded here (optipfair.tasks). They run first, so a task name lm-eval does not know stops the stage
+before the long measurements; a task that cannot run (lm-eval not installed, its dataset
+unreachable) is recorded as skipped with the reason, and the rest completes.
+
+Models run where `compute:` says (pipeline.compute). When the models this stage holds (the model,
+and the base model for a variant's side-by-side speed) would not fit the memory budget, perplexity
+is computed out of core, one layer at a time over all windows, and speed and tasks are recorded as
+skipped with the reason: they need the model whole in memory.
 """
 
 from __future__ import annotations
@@ -27,12 +32,13 @@ from typing import Callable, Dict, Tuple
 
 from optipfair.analysis import analyze_model
 from optipfair.data import token_windows
-from optipfair.errors import OptiPFairError
 from optipfair.evaluation.benchmarks import time_inference, time_prefill
 from optipfair.evaluation.perplexity import perplexity
-from optipfair.io import load_model, resolve_device
+from optipfair.streaming import perplexity_checkpoint
+from optipfair.io import load_model, load_skeleton, load_tokenizer
 from optipfair.tasks import run_tasks
 from pipeline import layout
+from pipeline.compute import placement
 from pipeline.params import BASE_NAME, Params, task_options
 from pipeline.texts import load_out_of_domain_text, load_texts
 
@@ -41,25 +47,34 @@ def run(params: Params, name: str) -> Dict[str, float]:
     """Evaluate model `name` (`base`, a variant or `<variant>+healed`); write and return its metrics."""
     params.check_model(name)  # an unknown name fails here, before a model is loaded
     settings = params.evaluate
-    model, tokenizer = _load(name)
-    tasks = _tasks(model, tokenizer, task_options(settings), name)
+    folder = layout.model_dir(name)
+    # A variant's speed is timed beside the base model: the stage holds both.
+    where = placement(params.compute, *((folder,) if name == BASE_NAME else (folder, layout.model_dir(BASE_NAME))))
+    tokenizer = load_tokenizer(folder)
     _, evaluation_text = load_texts(params.data)
     windows = token_windows(tokenizer, evaluation_text, settings["num_tokens"], settings["seq_len"])
     other_windows = token_windows(tokenizer, load_out_of_domain_text(settings), settings["num_tokens"],
                                   settings["seq_len"])
-    shape = analyze_model(model)
+    if where.out_of_core:
+        metrics = _measure_out_of_core(params, name, where, windows, other_windows)
+    else:
+        metrics = _measure_in_memory(params, name, where, tokenizer, windows, other_windows)
+    layout.write_json_atomic(layout.metrics_file(name), metrics)
+    return metrics
+
+
+def _measure_in_memory(params: Params, name: str, where, tokenizer, windows, other_windows) -> dict:
+    settings = params.evaluate
+    model = _load(name, where)
+    tasks = _tasks(model, tokenizer, task_options(settings), name)
     metrics = {
-        "perplexity": round(perplexity(model, windows), 4),
+        "perplexity": round(perplexity(model, windows, show_progress=True), 4),
         "eval_tokens": int(windows.numel()),
-        "perplexity_out_of_domain": round(perplexity(model, other_windows), 4),
+        "perplexity_out_of_domain": round(perplexity(model, other_windows, show_progress=True), 4),
         "out_of_domain_eval_tokens": int(other_windows.numel()),
-        "parameters": shape["parameters"]["total"],
-        "size_mb": round(_size_on_disk(layout.model_dir(name)) / 2**20, 2),
-        "num_layers": shape["num_layers"],
-        "mlp_intermediate_size": shape["intermediate_size"],
-        "expansion_rate": round(shape["expansion_rate"], 2),
+        **_shape(model, name),
     }
-    window = windows[:1]
+    window = windows[:1].to(where.device)
     new_tokens = settings["max_new_tokens"]  # time_inference generates exactly this many
 
     def prefill(m, warmup_runs):
@@ -70,7 +85,7 @@ def run(params: Params, name: str) -> Dict[str, float]:
                               warmup_runs=warmup_runs)["median_time"]
 
     rounds, warmup_runs = settings["num_runs"], settings["warmup_runs"]
-    base_model = None if name == BASE_NAME else _load(BASE_NAME)[0]
+    base_model = None if name == BASE_NAME else _load(BASE_NAME, where)
     for key, measure, tokens, digits in (("prefill", prefill, window.numel(), 1),
                                          ("generation", generation, new_tokens, 2)):
         if base_model is None:
@@ -82,8 +97,42 @@ def run(params: Params, name: str) -> Dict[str, float]:
         metrics[f"{key}_tokens_per_s"] = round(tokens / seconds, digits)
     if tasks:
         metrics["tasks"] = tasks
-    layout.write_json_atomic(layout.metrics_file(name), metrics)
     return metrics
+
+
+def _measure_out_of_core(params: Params, name: str, where, windows, other_windows) -> dict:
+    """Perplexity layer by layer (each weight read once); speed and tasks need the model in memory: skipped."""
+    folder = layout.model_dir(name)
+    reason = (f"the models need {_size(where.needed_bytes)} in {where.dtype}, over the memory budget of "
+              f"{_size(where.budget_bytes)} (compute.memory_budget_gib): measured only when they fit")
+    print(f"evaluate {name}: out of core; speed and tasks skipped: {reason}", file=sys.stderr)
+    metrics = {
+        "perplexity": round(perplexity_checkpoint(folder, windows), 4),
+        "eval_tokens": int(windows.numel()),
+        "perplexity_out_of_domain": round(perplexity_checkpoint(folder, other_windows), 4),
+        "out_of_domain_eval_tokens": int(other_windows.numel()),
+        **_shape(load_skeleton(str(folder)), name),
+        "speed_skipped": reason,
+    }
+    tasks = {options.name: {"skipped": reason} for options in task_options(params.evaluate)}
+    if tasks:
+        metrics["tasks"] = tasks
+    return metrics
+
+
+def _size(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+
+
+def _shape(model, name: str) -> dict:
+    shape = analyze_model(model)
+    return {
+        "parameters": shape["parameters"]["total"],
+        "size_mb": round(_size_on_disk(layout.model_dir(name)) / 2**20, 2),
+        "num_layers": shape["num_layers"],
+        "mlp_intermediate_size": shape["intermediate_size"],
+        "expansion_rate": round(shape["expansion_rate"], 2),
+    }
 
 
 def side_by_side(
@@ -110,25 +159,15 @@ def _tasks(model, tokenizer, tasks, name: str) -> dict:
     """Each task's main metric, or why it was skipped (one line on stderr per skipped task)."""
     if not tasks:
         return {}
-    device = resolve_device("auto")
-    # Scoring is many forward passes: on the GPU when there is one. Perplexity and speed stay on the
-    # CPU the model was loaded on, as everywhere else in the pipeline; the move is exact both ways.
-    model.to(device)
-    try:
-        results = run_tasks(model, tokenizer, tasks)
-    finally:
-        model.to("cpu")
+    results = run_tasks(model, tokenizer, tasks)  # on the compute device, where the model is
     for task, result in results.items():
         if "skipped" in result:
             print(f"evaluate {name}: task {task} skipped: {result['skipped']}", file=sys.stderr)
     return results
 
 
-def _load(name: str):
-    model, tokenizer = load_model(str(layout.model_dir(name)), dtype="float32")
-    if tokenizer is None:
-        raise OptiPFairError(f"{layout.model_dir(name)} has no tokenizer; rebuild it with `dvc repro`")
-    return model, tokenizer
+def _load(name: str, where):
+    return load_model(str(layout.model_dir(name)), where.device, where.dtype)[0]
 
 
 def _size_on_disk(folder: Path) -> int:

@@ -1,7 +1,7 @@
 """heal stage: train a pruned variant to match the base model again (`optipfair.healing.heal`).
 
 The student is models/<variant>, the teacher models/base; both are read in float32, whatever they
-were saved in, so the training step is the same on every machine. The training text is the
+were saved in, and trained on `compute.device` (the library uses bf16 autocast on a GPU). The training text is the
 calibration part of `data:` (never the evaluation part, so the healed model's perplexity is measured
 on text it did not train on). The healed model goes to models/<variant>+healed; its loss curve and
 what the training cost go to reports/heal/<variant>.json, a DVC plot that the track stage also logs
@@ -15,7 +15,7 @@ from dataclasses import asdict
 from optipfair.data import token_windows
 from optipfair.errors import OptionError
 from optipfair.healing import heal
-from optipfair.io import load_model, save_model
+from optipfair.io import load_model, resolve_device, save_model
 from pipeline import layout
 from pipeline.params import BASE_NAME, Params, ParamsError, healed_name
 from pipeline.texts import load_texts
@@ -24,8 +24,9 @@ from pipeline.texts import load_texts
 def run(params: Params, name: str) -> dict:
     """Heal variant `name` into models/<name>+healed; write and return its healing record."""
     options = params.heal_options(name)  # an unknown variant or a missing heal block fails before any loading
-    student, tokenizer = load_model(str(layout.model_dir(name)), dtype="float32")
-    teacher, _ = load_model(str(layout.model_dir(BASE_NAME)), dtype="float32")
+    device = resolve_device(params.compute["device"])
+    student, tokenizer = load_model(str(layout.model_dir(name)), device, "float32")
+    teacher, _ = load_model(str(layout.model_dir(BASE_NAME)), device, "float32")
     training_text, _ = load_texts(params.data)
     windows = token_windows(tokenizer, training_text, options.num_tokens, options.seq_len)
     # Progress goes to stderr, so `dvc repro` shows how far the training is.

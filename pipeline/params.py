@@ -78,6 +78,7 @@ class Params:
     tracking: Dict[str, Any]
     variants: Dict[str, Variant]
     heal: Dict[str, HealOptions]  # variant name -> how its healed model is trained; only healed variants
+    compute: Dict[str, Any]  # device, dtype, memory_budget_gib
 
     def variant(self, name: str) -> Variant:
         """The variant called `name`, or a ParamsError listing the ones that exist."""
@@ -152,6 +153,8 @@ EVALUATE = {
     "tasks": (False, []),
 }
 TRACKING = {"experiment": (False, "optipfair")}
+# Where prune and evaluate run a model (see params.yaml). None: 80 % of the memory available when the stage starts.
+COMPUTE = {"device": (False, "auto"), "dtype": (False, "auto"), "memory_budget_gib": (False, None)}
 VARIANT_FIELDS = [f.name for f in fields(PruningOptions)]
 HEAL_FIELDS = [f.name for f in fields(HealOptions)]
 
@@ -193,17 +196,19 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if not isinstance(raw, dict):
         raise ParamsError(f"{path} must be a mapping of sections (base, data, calibration, evaluate, variants)")
     where = str(path)
-    unknown = set(raw) - {"base", "data", "calibration", "evaluate", "tracking", "variants", "heal"}
+    unknown = set(raw) - {"base", "data", "calibration", "evaluate", "compute", "tracking", "variants", "heal"}
     if unknown:
         raise ParamsError(
             f"{where}: unknown section {sorted(unknown)[0]!r}; sections are base, data, calibration, "
-            "evaluate, tracking, variants, heal"
+            "evaluate, compute, tracking, variants, heal"
         )
     base = _sourced_section(raw, "base", BASE_SOURCES, where)
     data = _sourced_section(raw, "data", DATA_SOURCES, where, default_source="default")
     calibration = _plain_section(raw, "calibration", CALIBRATION, where)
     evaluate = _plain_section(raw, "evaluate", EVALUATE, where)
     tracking = _plain_section(raw, "tracking", TRACKING, where)
+    compute = _plain_section(raw, "compute", COMPUTE, where)
+    _check_compute(compute, where)
     _check_base(base, where)
     _check_data(data, where)
     _check_windows(calibration, "calibration", where)
@@ -218,7 +223,22 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     _check_tasks(evaluate["tasks"], where)
     variants = _variants(raw.get("variants"), where)
     heal = _heal(raw, variants, where)
-    return Params(path, base, data, calibration, evaluate, tracking, variants, heal)
+    return Params(path, base, data, calibration, evaluate, tracking, variants, heal, compute)
+
+
+def _check_compute(compute: Dict[str, Any], where: str) -> None:
+    """A device that does not exist here, or an unknown dtype, stops the pipeline before any stage works."""
+    from optipfair.io import resolve_device, resolve_dtype
+
+    device = compute["device"]
+    try:
+        resolve_dtype(str(compute["dtype"]), resolve_device(str(device)))
+    except OptiPFairError as error:
+        field = "compute.dtype" if "dtype" in str(error) else "compute.device"
+        raise _fail(where, field, str(error)) from None
+    budget = compute["memory_budget_gib"]
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0):
+        raise _fail(where, "compute.memory_budget_gib", f"must be a positive number of GiB (or absent), got {budget!r}")
 
 
 def task_options(evaluate: Dict[str, Any]) -> list:

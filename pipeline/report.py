@@ -51,8 +51,8 @@ def summary_markdown(params: Params, rows: Dict[str, dict]) -> str:
             f"| {m['mlp_intermediate_size']} | {m['expansion_rate']:.0f}% | {m['size_mb']:.0f} "
             f"| {m['perplexity']:.2f}{ratio('perplexity_ratio')} "
             f"| {m['perplexity_out_of_domain']:.2f}{ratio('perplexity_out_of_domain_ratio')} "
-            f"| {m['prefill_tokens_per_s']:.0f}{ratio('prefill_speedup')} "
-            f"| {m['generation_tokens_per_s']:.1f}{ratio('generation_speedup')} |"
+            f"| {_speed(m, 'prefill', '.0f', ratio)} "
+            f"| {_speed(m, 'generation', '.1f', ratio)} |"
         )
     lines += healing_markdown(params, rows)
     base = rows[BASE_NAME]
@@ -71,6 +71,13 @@ def summary_markdown(params: Params, rows: Dict[str, dict]) -> str:
         *_task_table(rows),
     ]
     return "\n".join(lines)
+
+
+def _speed(m: dict, key: str, digits: str, ratio) -> str:
+    """Tokens/s with the side-by-side ratio, or why speed was not measured (out of core)."""
+    if f"{key}_tokens_per_s" not in m:
+        return "skipped (out of core)"
+    return f"{m[f'{key}_tokens_per_s']:{digits}}{ratio(f'{key}_speedup')}"
 
 
 def _task_names(rows: Dict[str, dict]) -> List[str]:
@@ -162,9 +169,11 @@ def _plots(rows: Dict[str, dict]) -> None:
 
     figure, axis = plt.subplots(figsize=(6, 4))
     for key, label in (("prefill_speedup", "prompt processing"), ("generation_speedup", "generation")):
-        speedups = [rows[n].get(key, 1.0) for n in names]  # the base model is 1 by definition
-        axis.scatter(millions, speedups, label=label)
-        for name, x, y in zip(names, millions, speedups):
+        timed = [n for n in names if "speed_skipped" not in rows[n]]  # out of core: not timed
+        speedups = [rows[n].get(key, 1.0) for n in timed]  # the base model is 1 by definition
+        xs = [rows[n]["parameters"] / 1e6 for n in timed]
+        axis.scatter(xs, speedups, label=label)
+        for name, x, y in zip(timed, xs, speedups):
             axis.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     axis.axhline(1.0, color="grey", linewidth=0.8)
     axis.set(xlabel="parameters (millions)", ylabel="speed relative to base (side by side)",

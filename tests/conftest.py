@@ -123,7 +123,8 @@ def new_dvc_project(root: Path, params: dict) -> Path:
 
     `heal: {}` is added when `params` has no `heal:` section: dvc.yaml loops over it.
     """
-    params = {**params, "heal": params.get("heal", {})}
+    # DVC reads `compute` as a whole section (prune and evaluate depend on it): it must be there, even empty.
+    params = {**params, "heal": params.get("heal", {}), "compute": params.get("compute", {})}
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for folder in ("pipeline", "optipfair", "tasks"):
         shutil.copytree(ROOT / folder, root / folder, ignore=ignore)

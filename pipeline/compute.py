@@ -1,0 +1,34 @@
+"""Where the prune and evaluate stages run a model: the `compute:` section of params.yaml.
+
+`device` and `dtype` are resolved here once (auto: a GPU when there is one, bfloat16 on a GPU that
+supports it, float32 otherwise). Models whose weights in that dtype would together exceed
+`memory_budget_gib` (host memory; default: 80 % of what is available when the stage starts) are
+handled out of core instead: layer by layer, on the CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict
+
+from optipfair.io import resolve_device, resolve_dtype
+from optipfair.streaming import in_memory_bytes, memory_budget_bytes
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: str  # "cpu", "cuda", "cuda:1", ...
+    dtype: str  # "float32", "bfloat16", "float16"
+    out_of_core: bool
+    needed_bytes: int  # the models' weights in `dtype`
+    budget_bytes: int
+
+
+def placement(compute: Dict[str, Any], *model_dirs: Path) -> Placement:
+    """Where to run the models in `model_dirs`, which the stage holds in memory together when they fit."""
+    device = resolve_device(compute["device"])
+    dtype = resolve_dtype(compute["dtype"], device)
+    needed = sum(in_memory_bytes(folder, dtype) for folder in model_dirs)
+    budget = memory_budget_bytes(compute["memory_budget_gib"])
+    return Placement(device, str(dtype).removeprefix("torch."), needed > budget, needed, budget)

@@ -1,0 +1,89 @@
+"""The `compute:` section: where prune and evaluate run, and out of core when the models do not fit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+
+PARAMS = {
+    "base": {"source": "local"},  # path filled in by the fixture
+    "data": {"source": "default"},
+    "calibration": {"num_tokens": 256, "seq_len": 64},
+    "evaluate": {"num_tokens": 256, "seq_len": 64, "prompt": "def f(x):", "max_new_tokens": 4, "num_runs": 1,
+                 "warmup_runs": 0, "tasks": ["tasks/python_docs.yaml"]},
+    "variants": {"auto-25": {"method": "AUTO", "pruning_percentage": 25, "round_to": 16}},
+    "heal": {},
+}
+
+
+def _stage(*args: str) -> None:
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+
+
+@pytest.fixture
+def project(tiny_model_dir, tmp_path, monkeypatch):
+    """A folder with models/base (the tiny model) and the repository's local task, as the current directory."""
+    from conftest import ROOT
+
+    shutil.copytree(tiny_model_dir, tmp_path / "models" / "base")
+    shutil.copytree(ROOT / "tasks", tmp_path / "tasks")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _build(project, budget):
+    params = json.loads(json.dumps({**PARAMS, "base": {"source": "local", "path": str(project / "models/base")}}))
+    if budget is not None:
+        params["compute"] = {"memory_budget_gib": budget}
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    _stage("prune", "--variant", "auto-25")
+    _stage("evaluate", "--variant", "auto-25")
+    weights = load_file(project / "models/auto-25/model.safetensors")
+    metrics = json.loads((project / "reports/metrics/auto-25.json").read_text())
+    return weights, metrics
+
+
+def test_models_over_the_memory_budget_are_pruned_and_evaluated_out_of_core(project):
+    in_memory, measured = _build(project, budget=None)
+    streamed, out_of_core = _build(project, budget=1e-6)  # a budget no model fits
+
+    assert in_memory.keys() == streamed.keys() and all(torch.equal(in_memory[k], streamed[k]) for k in in_memory)
+    for key in ("perplexity", "perplexity_out_of_domain"):
+        assert out_of_core[key] == pytest.approx(measured[key], rel=1e-4)
+    for key in ("parameters", "mlp_intermediate_size", "num_layers", "size_mb", "eval_tokens"):
+        assert out_of_core[key] == measured[key]
+    # Speed and tasks need the models whole in memory: skipped, with why, never silently missing.
+    assert "over the memory budget" in out_of_core["speed_skipped"] and "prefill_speedup" not in out_of_core
+    assert "prefill_speedup" in measured and "speed_skipped" not in measured
+    assert out_of_core["tasks"]["python_docs"]["skipped"] == out_of_core["speed_skipped"]
+    assert "value" in measured["tasks"]["python_docs"]
+
+    _stage("evaluate", "--variant", "base")
+    _stage("report")
+    summary = (project / "reports/summary.md").read_text()
+    assert "| skipped (out of core) | skipped (out of core) |" in summary
+
+
+@pytest.mark.parametrize("compute, field, problem", [
+    ({"device": "cuda:7"}, "compute.device", "device cuda:7 asked for, but this machine has"),
+    ({"device": "tpu"}, "compute.device", "unknown device 'tpu'"),
+    ({"dtype": "float8"}, "compute.dtype", "unknown dtype 'float8'"),
+    ({"memory_budget_gib": 0}, "compute.memory_budget_gib", "must be a positive number of GiB"),
+    ({"memory_budget_gib": "lots"}, "compute.memory_budget_gib", "must be a positive number of GiB"),
+    ({"devices": "cpu"}, "compute.devices", "unknown field"),
+])
+def test_a_bad_compute_section_is_refused_in_one_line_naming_the_field(compute, field, problem, project):
+    params = {**PARAMS, "base": {"source": "local", "path": str(project / "models/base")}, "compute": compute}
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    result = CliRunner().invoke(app, ["validate"])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert f"{field}: {problem}" in result.stderr, result.stderr
