@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from optipfair.adapters import get_adapter
 from optipfair.errors import OptiPFairError
 from optipfair.io import SHARD_INDEX, check_output_path, staged_directory, verify_checkpoint
-from optipfair.pruning import calibration
+from optipfair.pruning import calibration, depth
 from optipfair.pruning.methods import get_method
 from optipfair.pruning.mlp_glu import prune_mlp_by_weights, target_width
 from optipfair.pruning.options import PruningOptions
@@ -54,7 +54,7 @@ def prune_checkpoint(
     Args:
         model_path: A model directory (config.json and one or several safetensors files)
         output_path: Where the pruned model goes (written atomically: a temporary directory, then renamed)
-        options: What to prune and how (width pruning, any method; DEPTH is not streamed yet)
+        options: What to prune and how (any method, width or DEPTH)
         calibration_data: Token ids [samples, seq_len] (calibrated methods)
         show_progress: Whether to show a progress bar over layers
         max_shard_bytes: Largest output shard; one shard at most waits in memory to be written
@@ -66,54 +66,75 @@ def prune_checkpoint(
     """
     source = Path(model_path)
     verify_checkpoint(source)
-    if options.pruning_type != "MLP_GLU":
-        raise OptiPFairError("DEPTH pruning is not streamed yet: load the model and use prune_model")
     target = check_output_path(str(output_path))
     checkpoint = _Checkpoint(source)
     model = _skeleton(source)
     adapter = get_adapter(model)
-    width = target_width(adapter, options)
-    method = get_method(options.method)
-    if method.needs_calibration:
-        calibration_data = calibration.check_calibration_data(calibration_data, f"method {options.method}")
-    before = _parameter_count(model)
-    old_width, layers_prefix = adapter.width(adapter.mlps[0]), _prefix_of(model, adapter.layers)
-
-    outer = [name for name in checkpoint.names if not name.startswith(layers_prefix)]
-    if method.needs_calibration:
+    layers_prefix = _prefix_of(model, adapter.layers)
+    total_layers, old_width = len(adapter.layers), adapter.width(adapter.mlps[0])
+    if options.pruning_type == "DEPTH":
+        depth.check_layer_count(options.num_layers_to_remove, total_layers)
+        width, method = old_width, None
+    else:
+        width, method = target_width(adapter, options), get_method(options.method)
+    if options.needs_calibration:
+        what = "DEPTH pruning" if method is None else f"method {options.method}"
+        calibration_data = calibration.check_calibration_data(calibration_data, what)
         # Calibration runs the model up to the first layer: only the input embeddings are needed
         # (the head and final norm, as big again on untied models, are copied without being read in).
         embeddings = _prefix_of(model, model.get_input_embeddings())
-        _load(model, checkpoint, [name for name in outer if name.startswith(embeddings)], prefix="")
+        _load(model, checkpoint, [n for n in checkpoint.names if n.startswith(embeddings)], prefix="")
+    before = _parameter_count(model)
+    outer = [name for name in checkpoint.names if not name.startswith(layers_prefix)]
+
     with staged_directory(target, needed_bytes=checkpoint.size_bytes) as staging:
         shards = _ShardWriter(staging, max_shard_bytes)
-        pruner = None
-        if method.needs_calibration and width < old_width:
-            pruner = calibration.LayerPruner(model, adapter, width, calibration_data, method.name, options.refit,
-                                             shrinkage=options.correlation_shrinkage)
-        layers = tqdm(list(enumerate(adapter.layers)), desc=f"Pruning layer by layer ({method.name})",
-                      unit="layer", disable=not show_progress)
-        for index, layer in layers:
-            prefix = f"{layers_prefix}{index}."
-            names = [name for name in checkpoint.names if name.startswith(prefix)]
-            _load(layer, checkpoint, names, prefix)
-            if pruner is not None:
-                pruner.prune(index, layer)
-            elif width < old_width:
-                prune_mlp_by_weights(adapter, adapter.mlp(layer), method.name, width)
-            for name, tensor in layer.state_dict().items():
-                shards.add(prefix + name, tensor.to(checkpoint.dtypes[_original_name(prefix + name, names)]))
-            layer.to("meta")  # drop the layer's weights: they are written
+        if method is None:
+            # Two passes: measure every layer (each read once), then copy the kept ones, renumbered.
+            layers = _streamed_layers(checkpoint, adapter, layers_prefix, "Layer importance", show_progress)
+            scores = depth.layer_importance(model, adapter, calibration_data, layers=(layer for _, layer in layers))
+            drop = depth.least_important(scores, options.num_layers_to_remove)
+            kept = [i for i in range(total_layers) if i not in drop]
+            for new_index, old_index in enumerate(kept):
+                old, new = f"{layers_prefix}{old_index}.", f"{layers_prefix}{new_index}."
+                for name in checkpoint.names:
+                    if name.startswith(old):
+                        shards.add(new + name[len(old):], checkpoint.read(name))
+            depth.drop_layers(model, adapter, drop)  # the skeleton's config follows: layer count, layer_types
+        else:
+            pruner = None
+            if method.needs_calibration and width < old_width:
+                pruner = calibration.LayerPruner(model, adapter, width, calibration_data, method.name,
+                                                 options.refit, shrinkage=options.correlation_shrinkage)
+            description = f"Pruning layer by layer ({method.name})"
+            for index, layer in _streamed_layers(checkpoint, adapter, layers_prefix, description, show_progress):
+                if pruner is not None:
+                    pruner.prune(index, layer)
+                elif width < old_width:
+                    prune_mlp_by_weights(adapter, adapter.mlp(layer), method.name, width)
+                prefix = f"{layers_prefix}{index}."
+                for name, tensor in layer.state_dict().items():
+                    shards.add(prefix + name, tensor.to(checkpoint.dtypes[_original_name(prefix + name, checkpoint)]))
+            adapter.config.intermediate_size = width
         for name in outer:
             shards.add(name, checkpoint.read(name))
         shards.finish()
-        adapter.config.intermediate_size = width
         model.config.save_pretrained(staging)
         _copy_companions(source, staging)
     after = _parameter_count(model)  # the layers, dropped to meta, keep their pruned shapes
     stats = statistics_from_counts(before, after, old_width, width, adapter.hidden_size)
-    stats.update(original_layers=len(adapter.layers), pruned_layers=len(adapter.layers), pruning_type="MLP_GLU")
+    stats.update(original_layers=total_layers, pruned_layers=len(adapter.layers), pruning_type=options.pruning_type)
     return stats
+
+
+def _streamed_layers(checkpoint, adapter, layers_prefix: str, description: str, show_progress: bool):
+    """(index, layer) for each decoder layer in order, its weights read just before and dropped just after use."""
+    for index, layer in tqdm(list(enumerate(adapter.layers)), desc=description, unit="layer",
+                             disable=not show_progress):
+        prefix = f"{layers_prefix}{index}."
+        _load(layer, checkpoint, [name for name in checkpoint.names if name.startswith(prefix)], prefix)
+        yield index, layer
+        layer.to("meta")
 
 
 @torch.no_grad()
@@ -136,12 +157,9 @@ def perplexity_checkpoint(model_path: str | Path, windows: torch.Tensor, show_pr
     _load(model, checkpoint, outer, prefix="")
     model.tie_weights()
     hidden, layer_kwargs = calibration.capture_layer_inputs(model, adapter, windows)
-    for index, layer in enumerate(tqdm(adapter.layers, desc="Perplexity layer by layer", unit="layer",
-                                       disable=not show_progress)):
-        prefix = f"{layers_prefix}{index}."
-        _load(layer, checkpoint, [name for name in checkpoint.names if name.startswith(prefix)], prefix)
+    for index, layer in _streamed_layers(checkpoint, adapter, layers_prefix, "Perplexity layer by layer",
+                                         show_progress):
         hidden = calibration.run_layer(layer, hidden, layer_kwargs[index])
-        layer.to("meta")
     return math.exp(_head_nll(model, adapter, windows, torch.cat(hidden)) / windows[:, 1:].numel())
 
 
@@ -273,9 +291,9 @@ def _load(module: nn.Module, checkpoint: _Checkpoint, names: Iterable[str], pref
     module.load_state_dict(tensors, strict=False, assign=True)
 
 
-def _original_name(name: str, names: list) -> str:
+def _original_name(name: str, checkpoint: _Checkpoint) -> str:
     # A pruned fused projection keeps its name; every written tensor comes from one read under the same name.
-    if name not in names:
+    if name not in checkpoint.dtypes:
         raise OptiPFairError(f"pruning produced a tensor {name} that the checkpoint does not have")
     return name
 

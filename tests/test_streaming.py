@@ -57,6 +57,24 @@ def test_streamed_pruning_gives_the_in_memory_weights(arch, extra, options, tiny
     assert (tmp_path / "out/tokenizer.json").is_file()
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "phi3"])
+def test_streamed_depth_pruning_removes_the_layers_in_memory_pruning_removes(arch, tiny_tokenizer, tmp_path):
+    source = tmp_path / "source"
+    make_tiny_model(arch, num_hidden_layers=4).save_pretrained(source, max_shard_size="60KB")
+    options = PruningOptions(pruning_type="DEPTH", num_layers_to_remove=2)
+    calibration = _calibration(tiny_tokenizer)
+
+    stats = prune_checkpoint(source, tmp_path / "out", options, calibration_data=calibration, show_progress=False)
+
+    expected = _in_memory(source, options, calibration)
+    streamed = _weights(tmp_path / "out")
+    assert streamed.keys() == expected.keys()
+    assert all(torch.equal(streamed[name], tensor) for name, tensor in expected.items())
+    assert (stats["original_layers"], stats["pruned_layers"]) == (4, 2)
+    config = json.loads((tmp_path / "out/config.json").read_text())
+    assert config["num_hidden_layers"] == 2 and len(config.get("layer_types") or [0, 0]) == 2
+
+
 def test_sharded_checkpoints_in_and_out(tiny_tokenizer, tmp_path):
     source = tmp_path / "source"
     make_tiny_model("llama", tie_word_embeddings=False).save_pretrained(source, max_shard_size="40KB")
@@ -91,8 +109,8 @@ def test_a_failed_run_leaves_no_output(tmp_path):
     make_tiny_model("llama").save_pretrained(source)
     with pytest.raises(OptiPFairError, match="needs calibration_data"):
         prune_checkpoint(source, tmp_path / "out", PruningOptions(method="AUTO", pruning_percentage=50))
-    with pytest.raises(OptiPFairError, match="DEPTH"):
-        prune_checkpoint(source, tmp_path / "out", PruningOptions(pruning_type="DEPTH", num_layers_to_remove=1))
+    with pytest.raises(OptiPFairError, match="num_layers to remove must be an integer between 1 and 1"):
+        prune_checkpoint(source, tmp_path / "out", PruningOptions(pruning_type="DEPTH", num_layers_to_remove=2))
     (source / "model.safetensors").write_bytes((source / "model.safetensors").read_bytes()[:-100])
     with pytest.raises(OptiPFairError, match="model.safetensors"):
         prune_checkpoint(source, tmp_path / "out", PruningOptions(method="MAW", pruning_percentage=50))

@@ -8,7 +8,7 @@ shallower model of the same class: it saves and reloads with stock transformers.
 
 from __future__ import annotations
 
-from typing import List
+from typing import Iterable, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,8 @@ from optipfair.pruning.calibration import capture_layer_inputs, run_layer
 
 
 @torch.no_grad()
-def layer_importance(model: nn.Module, adapter, calibration_data: torch.Tensor, show_progress: bool = False) -> List[float]:
+def layer_importance(model: nn.Module, adapter, calibration_data: torch.Tensor, show_progress: bool = False,
+                     layers: Optional[Iterable[nn.Module]] = None) -> List[float]:
     """
     Importance of each decoder layer: 1 - mean cosine similarity of its input and output.
 
@@ -29,6 +30,8 @@ def layer_importance(model: nn.Module, adapter, calibration_data: torch.Tensor, 
         adapter: The model's `ModelAdapter`
         calibration_data: Token ids [samples, seq_len]
         show_progress: Whether to show a progress bar over layers
+        layers: The decoder layers in order, when they are read one at a time (out of core);
+            default: the model's own
 
     Returns:
         One float per layer, in layer order; higher means the layer changes its input more
@@ -36,7 +39,8 @@ def layer_importance(model: nn.Module, adapter, calibration_data: torch.Tensor, 
     hidden, layer_kwargs = capture_layer_inputs(model, adapter, calibration_data)
     scores = []
     for layer, kwargs in tqdm(
-        list(zip(adapter.layers, layer_kwargs)), desc="Layer importance", disable=not show_progress
+        zip(adapter.layers if layers is None else layers, layer_kwargs), total=len(layer_kwargs),
+        desc="Layer importance", unit="layer", disable=not show_progress,
     ):
         outputs = run_layer(layer, hidden, kwargs)
         # float64 sums: cosines near 1 are what separates the least important layers.
@@ -63,11 +67,19 @@ def remove_layers(
         model: The pruned model, its config updated so that it reloads with stock transformers
     """
     total = len(adapter.layers)
-    if not isinstance(num_layers, int) or not 0 < num_layers < total:
-        raise OptiPFairError(f"num_layers to remove must be an integer between 1 and {total - 1}, got {num_layers!r}")
+    check_layer_count(num_layers, total)
     scores = layer_importance(model, adapter, calibration_data, show_progress)
-    drop = sorted(sorted(range(total), key=scores.__getitem__)[:num_layers])
-    return drop_layers(model, adapter, drop)
+    return drop_layers(model, adapter, least_important(scores, num_layers))
+
+
+def check_layer_count(num_layers: int, total: int) -> None:
+    if not isinstance(num_layers, int) or isinstance(num_layers, bool) or not 0 < num_layers < total:
+        raise OptiPFairError(f"num_layers to remove must be an integer between 1 and {total - 1}, got {num_layers!r}")
+
+
+def least_important(scores: List[float], num_layers: int) -> List[int]:
+    """The indices of the `num_layers` lowest scores, in layer order."""
+    return sorted(sorted(range(len(scores)), key=scores.__getitem__)[:num_layers])
 
 
 def drop_layers(model: nn.Module, adapter, indices: List[int]) -> nn.Module:
