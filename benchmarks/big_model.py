@@ -231,10 +231,10 @@ def big(args) -> dict:
     started = time.perf_counter()
     checkpoint_bytes = build_checkpoint(folder, LLAMA_31_8B)
     print(f"checkpoint: {checkpoint_bytes / 2**30:.1f} GiB ({time.perf_counter() - started:.0f} s)", flush=True)
-    calibration = None
-    if "AUTO" in args.methods:
-        tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
-        calibration = _calibration_file(tokenizer, args.calibration_tokens, args.seq_len, LLAMA_31_8B["vocab_size"])
+    # Token ids of real text (the default model's tokenizer; any ids below the vocabulary size would do).
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
+    calibration = _calibration_file(tokenizer, args.calibration_tokens, args.seq_len, LLAMA_31_8B["vocab_size"])
+    windows = _calibration_file(tokenizer, args.eval_tokens, args.seq_len, LLAMA_31_8B["vocab_size"], held_out=True)
     rows = []
     for method in args.methods:
         output = SCRATCH / f"llama-3.1-8b-shape-{method.lower()}-{args.percentage:g}"
@@ -245,13 +245,23 @@ def big(args) -> dict:
         rows.append({"method": method, "wall_seconds": round(time.perf_counter() - started, 1),
                      "prune_seconds": round(row["seconds"], 1), "peak_rss_mib": round(row["peak_rss_bytes"] / 2**20),
                      "peak_rss_vs_checkpoint": round(row["peak_rss_bytes"] / checkpoint_bytes, 3),
-                     "output_bytes": sum(f.stat().st_size for f in output.glob("*.safetensors")),
-                     **_reload(output)})
+                     "output_bytes": sum(f.stat().st_size for f in output.glob("*.safetensors"))})
         print(rows[-1], flush=True)
+        if args.eval_tokens:  # the pruned model's perplexity, out of core (random weights: a figure of cost only)
+            started = time.perf_counter()
+            evaluated = run_job(dict(mode="perplexity-stream", model=str(output), windows=str(windows)))
+            rows[-1].update(eval_wall_seconds=round(time.perf_counter() - started, 1),
+                            eval_peak_rss_mib=round(evaluated["peak_rss_bytes"] / 2**20),
+                            eval_peak_rss_vs_checkpoint=round(evaluated["peak_rss_bytes"] / checkpoint_bytes, 3),
+                            perplexity=round(evaluated["perplexity"], 1))
+            print(rows[-1], flush=True)
+        if args.reload:
+            rows[-1].update(_reload(output))
+            print(rows[-1], flush=True)
         shutil.rmtree(output)
     return {"part": "big", "shape": "Llama-3.1-8B (random weights, bf16)", "checkpoint_bytes": checkpoint_bytes,
             "percentage": args.percentage, "calibration_tokens": args.calibration_tokens, "seq_len": args.seq_len,
-            "threads": torch.get_num_threads(), "rows": rows, "command": command("benchmarks.big_model")}
+            "eval_tokens": args.eval_tokens, "threads": torch.get_num_threads(), "rows": rows, "command": command("benchmarks.big_model")}
 
 
 def markdown(result: dict) -> str:
@@ -287,12 +297,17 @@ def markdown(result: dict) -> str:
         lines = [f"# Out-of-core pruning of a {result['shape']} checkpoint", "",
                  f"Checkpoint {size / 2**30:.1f} GiB in bf16; {result['percentage']}% of the MLP pairs; "
                  f"{result['threads']} CPU threads; AUTO on {result['calibration_tokens']} tokens.", "",
-                 "| method | wall s | prune s | peak RSS MiB | peak RSS / checkpoint | output GiB | reloads (width) |",
-                 "|---|---|---|---|---|---|---|"]
+                 "| step | wall s | peak RSS MiB | peak RSS / checkpoint | notes |", "|---|---|---|---|---|"]
         for row in result["rows"]:
-            lines.append(f"| {row['method']} | {row['wall_seconds']} | {row['prune_seconds']} | {row['peak_rss_mib']} "
-                         f"| {row['peak_rss_vs_checkpoint']} | {row['output_bytes'] / 2**30:.1f} "
-                         f"| yes ({row['intermediate_size']}) |")
+            lines.append(f"| prune {row['method']} {result['percentage']:g}% | {row['wall_seconds']} | {row['peak_rss_mib']} "
+                         f"| {row['peak_rss_vs_checkpoint']} | output {row['output_bytes'] / 2**30:.1f} GiB |")
+            if "perplexity" in row:
+                lines.append(f"| perplexity of the pruned model, {result['eval_tokens']} tokens, layer by layer "
+                             f"| {row['eval_wall_seconds']} | {row['eval_peak_rss_mib']} | {row['eval_peak_rss_vs_checkpoint']} "
+                             f"| {row['perplexity']} (random weights) |")
+            if "intermediate_size" in row:
+                lines.append(f"| reload with stock from_pretrained (bf16) | | {row['reload_peak_rss_mib']} | "
+                             f"| MLP width {row['intermediate_size']} |")
     return "\n".join(lines + ["", f"Command: `{result['command']}`", ""])
 
 
@@ -307,6 +322,8 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--no-reload", dest="reload", action="store_false",
+                        help="big: skip loading the pruned model whole with from_pretrained (needs its size in RAM)")
     args = parser.parse_args()
     if args.worker:
         return worker(json.loads(args.worker))
