@@ -185,6 +185,7 @@ def test_dvc_repro_puts_task_scores_in_metrics_report_and_mlflow_models(tmp_path
         metrics["maw-25"]["tasks"]["python_docs"]["value"] / metrics["base"]["tasks"]["python_docs"]["value"], abs=1e-4)
 
     # Editing the tasks re-scores every model and never re-prunes.
+    params = yaml.safe_load((project / "params.yaml").read_text())
     params["evaluate"]["tasks"] = [{"task": "tasks/python_docs.yaml", "limit": 20}]
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert _repro(project) == {"validate", "evaluate_base", "evaluate@maw-25", "report", "track"}
