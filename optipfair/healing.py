@@ -27,7 +27,7 @@ from optipfair.pruning.options import _number, whole_number
 
 TRAINABLE = ("mlp", "all", "lora")
 # Defaults measured on SmolLM2-135M-Instruct (benchmarks/results/heal.md).
-DEFAULT_HEAL_TOKENS = 32768
+DEFAULT_HEAL_TOKENS = 16384
 DEFAULT_HEAL_SEQ_LEN = 512
 DEFAULT_HEAL_LR = 1e-4
 
@@ -42,7 +42,8 @@ class HealOptions:
     How to heal a pruned model from its unpruned teacher.
 
     Args:
-        num_tokens: Training token budget (> 0): every token is seen once unless the windows are fewer
+        num_tokens: Training token budget (> 0), rounded up to whole steps: windows are drawn in shuffled
+            passes, so a text shorter than the budget is seen more than once
         seq_len: Tokens per training window (for `optipfair.data.token_windows`)
         learning_rate: Peak AdamW learning rate (linear warm-up over the first 10 % of steps, then linear decay to 0)
         train: Which weights train: "mlp" (the MLP projections only), "all", or "lora" (low-rank adapters, needs peft)
@@ -60,7 +61,7 @@ class HealOptions:
     learning_rate: float = DEFAULT_HEAL_LR
     train: str = "mlp"
     seed: int = 0
-    batch_size: int = 4
+    batch_size: int = 1
     temperature: float = 1.0
     hidden_weight: float = 0.0
     lora_rank: int = 16
@@ -124,6 +125,30 @@ def check_descendant(student: nn.Module, teacher: nn.Module) -> None:
             )
 
 
+# A probe with prose, code, digits, whitespace runs and non-ASCII: tokenizers that agree on it share a vocabulary.
+_PROBE = "Healing: def f(x):\n    return x ** 2  # 12345 \u00e9t\u00e9, na\u00efve \u4e2d\u6587 \U0001f600\t\tend."
+
+
+def check_tokenizers(student_tokenizer, teacher_tokenizer) -> None:
+    """Raise HealingError unless the two tokenizers have the same vocabulary (size, and the ids of a probe text).
+
+    A teacher without a tokenizer passes: the models' vocabulary sizes are still compared by `heal`.
+    """
+    if teacher_tokenizer is None:
+        return
+    sizes = len(student_tokenizer), len(teacher_tokenizer)
+    if sizes[0] != sizes[1]:
+        raise HealingError(
+            f"the student's tokenizer has {sizes[0]} tokens, the teacher's {sizes[1]}: heal from the model it was pruned from"
+        )
+    ids = [t(_PROBE, add_special_tokens=False)["input_ids"] for t in (student_tokenizer, teacher_tokenizer)]
+    if ids[0] != ids[1]:
+        raise HealingError(
+            "the student's and the teacher's tokenizers split the same text into different token ids: "
+            "heal from the model it was pruned from"
+        )
+
+
 def heal(
     student: nn.Module,
     teacher: nn.Module,
@@ -156,7 +181,7 @@ def heal(
 
     seq_len = windows.shape[1]
     per_step = options.batch_size * seq_len
-    steps = max(1, math.ceil(min(options.num_tokens, windows.numel()) / per_step))
+    steps = math.ceil(options.num_tokens / per_step)
     order = _window_order(len(windows), steps * options.batch_size, generator)
 
     model = _trainable(student, options)
