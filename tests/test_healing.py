@@ -211,3 +211,16 @@ def test_heal_bad_input_is_one_line_and_writes_nothing(args, error, tiny_model_d
     assert result.exit_code == 1
     assert error in result.output and len(result.output.strip().splitlines()) == 1, result.output
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_lora_healing_folds_the_adapters_into_a_plain_model(texts, tmp_path):
+    pytest.importorskip("peft", reason="train='lora' needs the [heal] extra")
+    teacher, student = teacher_and_student()
+    before = kl_to_teacher(student, teacher, texts[1])
+    heal(student, teacher, texts[0], HealOptions(num_tokens=1024, seq_len=SEQ_LEN, learning_rate=3e-3, train="lora",
+                                                 lora_rank=4), show_progress=False)
+    assert kl_to_teacher(student, teacher, texts[1]) < before
+    assert type(student.model.layers[0].mlp.up_proj) is torch.nn.Linear  # no LoRA layer left behind
+    student.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(reloaded.model.layers[0].mlp.up_proj.weight, student.model.layers[0].mlp.up_proj.weight)
