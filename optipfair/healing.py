@@ -50,7 +50,8 @@ class HealOptions:
         seed: Seed of the window order (and of the LoRA initialisation)
         batch_size: Windows per optimizer step (run one at a time, so memory holds one window's activations)
         temperature: Softmax temperature of the KL term
-        hidden_weight: Weight of the per-layer hidden-state MSE term (0: logits only)
+        hidden_weight: Weight of the per-layer hidden-state MSE term (0: logits only); a depth-pruned
+            student has no layer-for-layer match with its teacher, so it always trains on the logits only
         lora_rank: Rank of the LoRA adapters (train="lora")
 
     Built from user values, it checks them all and raises `OptionError` on the first bad one.
@@ -116,9 +117,9 @@ def check_descendant(student: nn.Module, teacher: nn.Module) -> None:
             f"the student has {len(s.layers)} layers and the teacher {len(t.layers)}, and their MLP widths differ: "
             "only depth pruning removes layers, and it keeps every width"
         )
-    widest = t.width(t.mlps[0])
+    widest = max(t.width(m) for m in t.mlps)
     for index, mlp in enumerate(s.mlps):
-        if s.width(mlp) > max(t.width(m) for m in t.mlps):
+        if s.width(mlp) > widest:
             raise HealingError(
                 f"layer {index} of the student has an MLP {s.width(mlp)} wide, wider than the teacher's {widest}: "
                 "heal from the model it was pruned from"
@@ -176,6 +177,7 @@ def heal(
     check_descendant(student, teacher)
     windows = _check_windows(windows, student)
     device = next(student.parameters()).device
+    teacher_device = next(teacher.parameters()).device
     generator = torch.Generator().manual_seed(options.seed)
     torch.manual_seed(options.seed)  # LoRA initialisation, dropout (none by default)
 
@@ -208,7 +210,8 @@ def heal(
                 batch = windows[index : index + 1].to(device)
                 with autocast:
                     with torch.no_grad():
-                        target = teacher(input_ids=batch, use_cache=False, output_hidden_states=use_hidden)
+                        target = teacher(input_ids=batch.to(teacher_device), use_cache=False,
+                                         output_hidden_states=use_hidden)
                     output = model(input_ids=batch, use_cache=False, output_hidden_states=use_hidden)
                     loss = _loss(output, target, options, use_hidden) / options.batch_size
                 if not torch.isfinite(loss):
@@ -258,14 +261,14 @@ def _loss(output, target, options: HealOptions, use_hidden: bool) -> torch.Tenso
     """KL(teacher || student) per token on the next-token distributions, plus the hidden-state term."""
     t = options.temperature
     student_logp = F.log_softmax(output.logits.float() / t, dim=-1)
-    teacher_logp = F.log_softmax(target.logits.float() / t, dim=-1)
+    teacher_logp = F.log_softmax(target.logits.to(student_logp.device).float() / t, dim=-1)
     kl = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="none").sum(-1).mean() * t * t
     if not use_hidden:
         return kl
     # Each layer's output against the teacher's, scaled by the teacher's own size there, so
     # that layers with large activations do not dominate.
     terms = [
-        F.mse_loss(s.float(), h.float()) / h.float().pow(2).mean().clamp_min(1e-6)
+        F.mse_loss(s.float(), h.to(s.device).float()) / h.float().pow(2).mean().clamp_min(1e-6).to(s.device)
         for s, h in zip(output.hidden_states[1:], target.hidden_states[1:])
     ]
     return kl + options.hidden_weight * torch.stack(terms).mean()
