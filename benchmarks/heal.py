@@ -56,7 +56,9 @@ TEXTS = {
 TRIALS = {
     "mlp lr 1e-4": {"train": "mlp", "learning_rate": 1e-4},
     "mlp lr 3e-4": {"train": "mlp", "learning_rate": 3e-4},
+    "mlp lr 1e-3": {"train": "mlp", "learning_rate": 1e-3},
     "all lr 1e-4": {"train": "all", "learning_rate": 1e-4},
+    "all lr 3e-4": {"train": "all", "learning_rate": 3e-4},
     "lora lr 1e-3": {"train": "lora", "learning_rate": 1e-3},
     "mlp lr 1e-4 + hidden MSE": {"train": "mlp", "learning_rate": 1e-4, "hidden_weight": 1.0},
     "mlp lr 1e-4 T=2": {"train": "mlp", "learning_rate": 1e-4, "temperature": 2.0},
@@ -118,8 +120,8 @@ def worker(job: dict) -> None:
         teacher = load(job["teacher"])
         windows = windows[: job["tokens"] // windows.shape[1]]  # the windows distill_model gets
         start = time.perf_counter()
-        result = heal(model, teacher, windows, HealOptions(num_tokens=job["tokens"], seq_len=windows.shape[1]),
-                      show_progress=False)
+        options = HealOptions(num_tokens=job["tokens"], seq_len=windows.shape[1], **job["options"])
+        result = heal(model, teacher, windows, options, show_progress=False)
         extra = {"tokens": result.tokens, "steps": result.steps}
     else:  # OptiPFair 0.4.2: one window per batch, its default accumulation of 4, one epoch over the same windows
         from optipfair.distillation import distill_model
@@ -160,7 +162,7 @@ def trials(args, tokenizer, windows: dict, calibration: torch.Tensor) -> None:
 
     load = lambda path: AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()  # noqa: E731
     teacher = load(args.model)
-    path = RESULTS / "heal_trials.json"
+    path = RESULTS / f"{args.name or 'heal_trials'}.json"
     rows = json.loads(path.read_text())["rows"] if args.keep and path.exists() else []
     if not any(r["name"] == "base" for r in rows):
         rows.append({"name": "base", **evaluate(teacher, windows)})
@@ -177,7 +179,7 @@ def trials(args, tokenizer, windows: dict, calibration: torch.Tensor) -> None:
                  "eval_tokens": args.eval_tokens, "seq_len": args.seq_len, "threads": args.threads,
                  "command": command("benchmarks.heal")}
         path.write_text(json.dumps({"setup": setup, "rows": rows}, indent=2))
-        (RESULTS / "heal_trials.md").write_text(trials_markdown(rows, setup))
+        path.with_suffix(".md").write_text(trials_markdown(rows, setup))
 
 
 def trials_markdown(rows: list, setup: dict) -> str:
@@ -215,7 +217,9 @@ def markdown(rows: list, setup: dict) -> str:
         f"# Healing: {setup['model']}",
         "",
         f"Pruned with AUTO on {setup['calibration_tokens']} calibration tokens of Python's docs, then trained on the "
-        f"first {setup['heal_tokens']} of them (windows of {setup['seq_len']}), both trainers on the same windows. "
+        f"first {setup['heal_tokens']} of them (windows of {setup['seq_len']}), both trainers on the same windows; "
+        f"heal with `HealOptions` defaults{''.join(f', {k}={v}' for k, v in setup.get('heal_options', {}).items())}, "
+        "distill_model with its own defaults and epochs=1. "
         f"Evaluation: {setup['eval_tokens']} tokens of each text: "
         + "; ".join(f"{k}: {v}" for k, v in TEXTS.items())
         + f". float32, {setup['threads']} CPU threads; seconds and peak RSS are each training process's own "
@@ -244,6 +248,8 @@ def main() -> None:
     parser.add_argument("--percentages", type=float, nargs="+", default=[20, 30, 40, 50])
     parser.add_argument("--calibration-tokens", type=int, default=65536, help="tokens AUTO prunes with")
     parser.add_argument("--heal-tokens", type=int, help="healing budget (default: HealOptions' default)")
+    parser.add_argument("--train", choices=["mlp", "all", "lora"], help="healing: which weights train (default: HealOptions')")
+    parser.add_argument("--learning-rate", type=float, help="healing learning rate (default: HealOptions')")
     parser.add_argument("--eval-tokens", type=int, default=8192, help="tokens of each evaluation text")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
@@ -253,6 +259,7 @@ def main() -> None:
     parser.add_argument("--pruned", type=Path,
                         help="a pruned model to heal instead of pruning one (--trials, or one of --percentages)")
     parser.add_argument("--only", nargs="+", choices=list(TRIALS), help="--trials: these settings only")
+    parser.add_argument("--name", help="--trials: results file stem (default: heal_trials)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -283,7 +290,10 @@ def main() -> None:
         require_model(args.pruned or Path("--pruned"))
         return trials(args, tokenizer, windows, calibration[: args.heal_tokens // args.seq_len])
 
+    # The library's defaults unless given: what the table compares is `heal` as users get it.
+    heal_options = {k: v for k, v in (("train", args.train), ("learning_rate", args.learning_rate)) if v is not None}
     setup = {"model": shown(args.model), "calibration_tokens": calibration.numel(), "heal_tokens": args.heal_tokens,
+             "heal_options": heal_options,
              "eval_tokens": args.eval_tokens, "seq_len": args.seq_len, "threads": args.threads,
              "command": command("benchmarks.heal")}
     if args.pruned:
@@ -303,7 +313,7 @@ def main() -> None:
         for percentage in args.percentages:
             pruned = args.pruned or Path(scratch) / f"auto-{percentage:g}"
             common = {"threads": args.threads, "windows": str(calibration_file), "percentage": percentage,
-                      "teacher": str(args.model.resolve()), "tokens": args.heal_tokens}
+                      "teacher": str(args.model.resolve()), "tokens": args.heal_tokens, "options": heal_options}
             if not args.pruned:
                 run_job({**common, "kind": "prune", "model": str(args.model.resolve()), "output": str(pruned)},
                         args.reference, scratch)

@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional
 import typer
 
 from optipfair.errors import OptiPFairError, OptionError
-from optipfair.healing import DEFAULT_HEAL_LR, DEFAULT_HEAL_SEQ_LEN, DEFAULT_HEAL_TOKENS
+from optipfair.healing import DEFAULT_HEAL_LR, DEFAULT_HEAL_SEQ_LEN, DEFAULT_HEAL_TOKENS, DEFAULT_HEAL_TRAIN
 from optipfair.pruning.options import (
     DEFAULT_CALIBRATION_SEQ_LEN,
     DEFAULT_CALIBRATION_TOKENS,
@@ -210,7 +210,7 @@ def heal(
     seq_len: int = typer.Option(DEFAULT_HEAL_SEQ_LEN, "--seq-len", help="Tokens per training window."),
     learning_rate: float = typer.Option(DEFAULT_HEAL_LR, "--learning-rate", help="Peak AdamW learning rate."),
     train: Trainable = typer.Option(
-        Trainable.mlp, "--train", help="Which weights train: mlp (MLP projections), all, or lora (needs peft)."
+        Trainable(DEFAULT_HEAL_TRAIN), "--train", help="Which weights train: mlp (MLP projections), all, or lora (needs peft)."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the window order."),
     calibration_file: Optional[str] = typer.Option(
