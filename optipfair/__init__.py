@@ -6,6 +6,7 @@ models that reload with stock `from_pretrained`.
 
 from optipfair.core import prune, prune_model
 from optipfair.errors import OptiPFairError, OptionError
+from optipfair.healing import HealingError, HealOptions, HealResult, heal
 from optipfair.evaluation.benchmarks import compare_models_inference, time_inference
 from optipfair.pruning.options import PruningOptions
 from optipfair.pruning.mlp_glu import (
@@ -26,6 +27,9 @@ from optipfair.pruning.utils import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "HealOptions",
+    "HealResult",
+    "HealingError",
     "OptiPFairError",
     "OptionError",
     "PruningOptions",
@@ -37,6 +41,7 @@ __all__ = [
     "count_parameters",
     "get_model_layers",
     "get_pruning_statistics",
+    "heal",
     "prune",
     "prune_model",
     "prune_model_mlp_glu",

@@ -1,4 +1,4 @@
-"""The `optipfair` command: `prune` a model, `analyze` one before pruning it.
+"""The `optipfair` command: `prune` a model, `heal` a pruned one, `analyze` one before pruning it.
 
 Bad input ends in one line on stderr and a non-zero exit, before anything is written.
 """
@@ -13,6 +13,7 @@ from typing import Any, Dict, Optional
 import typer
 
 from optipfair.errors import OptiPFairError, OptionError
+from optipfair.healing import DEFAULT_HEAL_LR, DEFAULT_HEAL_SEQ_LEN, DEFAULT_HEAL_TOKENS, DEFAULT_HEAL_TRAIN
 from optipfair.pruning.options import (
     DEFAULT_CALIBRATION_SEQ_LEN,
     DEFAULT_CALIBRATION_TOKENS,
@@ -250,6 +251,88 @@ def _prune_summary(stats: Dict[str, Any]):
     )
     yield f"  expansion rate    {stats['original_expansion_rate']:.1f}% -> {stats['expansion_rate']:.1f}%"
     yield f"  layers            {stats['original_layers']} -> {stats['pruned_layers']}"
+
+
+class Trainable(str, Enum):
+    mlp = "mlp"
+    all = "all"
+    lora = "lora"
+
+
+@app.command()
+def heal(
+    model_path: str = typer.Option(..., "--model-path", help="The pruned model (local directory or Hub id)."),
+    teacher_path: str = typer.Option(..., "--teacher-path", help="The model it was pruned from."),
+    output_path: str = typer.Option(..., "--output-path", help="Directory for the healed model and tokenizer."),
+    num_tokens: int = typer.Option(DEFAULT_HEAL_TOKENS, "--num-tokens", help="Training token budget."),
+    seq_len: int = typer.Option(DEFAULT_HEAL_SEQ_LEN, "--seq-len", help="Tokens per training window."),
+    learning_rate: float = typer.Option(DEFAULT_HEAL_LR, "--learning-rate", help="Peak AdamW learning rate."),
+    train: Trainable = typer.Option(
+        Trainable(DEFAULT_HEAL_TRAIN), "--train", help="Which weights train: mlp (MLP projections), all, or lora (needs peft)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the window order."),
+    calibration_file: Optional[str] = typer.Option(
+        None, "--calibration-file", help="Text to train on (default: Python's own docs, as for pruning)."
+    ),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (bf16 autocast on GPU)."),
+    verbose: bool = typer.Option(True, "--verbose/--quiet", help="Progress bar and a summary, or one line."),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code", help="Run the model repository's own code (only for sources you trust)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the result (with the loss of every step) as JSON."),
+) -> None:
+    """Heal a pruned model: train it to match its unpruned teacher, then save it atomically to --output-path."""
+    from optipfair.healing import HealOptions, check_tokenizers
+    from optipfair.healing import heal as heal_with
+    from optipfair.io import check_output_path, load_model, save_model
+
+    try:
+        try:
+            options = HealOptions(
+                num_tokens=num_tokens, seq_len=seq_len, learning_rate=learning_rate, train=train.value, seed=seed
+            )
+        except OptionError as error:
+            raise OptiPFairError(f"{_flag(error.field)}: {error.problem}") from None
+        check_output_path(output_path)
+
+        _quiet_transformers()
+        # float32 weights on every device: training bf16 weights loses small updates; GPUs autocast instead.
+        student, tokenizer = load_model(model_path, device, "float32", trust_remote_code)
+        teacher, teacher_tokenizer = load_model(teacher_path, device, "float32", trust_remote_code)
+        if tokenizer is None:
+            raise OptiPFairError(f"{model_path} has no tokenizer; healing needs one to read its training text")
+        check_tokenizers(tokenizer, teacher_tokenizer)
+        windows = _calibration_data(tokenizer, calibration_file, options.num_tokens, options.seq_len)
+        try:
+            result = heal_with(student, teacher, windows, options, show_progress=verbose and not as_json)
+        except OptionError as error:  # train=lora without peft
+            raise OptiPFairError(f"{_flag(error.field)}: {error.problem}") from None
+        del teacher
+        save_model(student, tokenizer, output_path)
+        summary = {
+            "output_path": str(output_path), "model_path": model_path, "teacher_path": teacher_path,
+            "steps": result.steps, "tokens": result.tokens, "seconds": round(result.seconds, 2),
+            "first_loss": result.losses[0], "last_loss": result.losses[-1], "train": options.train,
+            "learning_rate": options.learning_rate, "seed": options.seed,
+        }
+        if as_json:
+            _print_result({**summary, "losses": result.losses}, True, [])
+        elif verbose:
+            _print_result(summary, False, _heal_summary(summary))
+        else:
+            typer.echo(f"saved {output_path}: {result.tokens:,} tokens, loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}")
+    except OptiPFairError as error:
+        _fail(str(error))
+    except KeyboardInterrupt:
+        _fail("interrupted; nothing was written", code=130)
+
+
+def _heal_summary(summary: Dict[str, Any]):
+    yield f"Healed model saved to {summary['output_path']}"
+    yield f"  teacher           {summary['teacher_path']}"
+    yield f"  trained           {summary['train']} weights, learning rate {summary['learning_rate']:g}, seed {summary['seed']}"
+    yield f"  tokens            {summary['tokens']:,} in {summary['steps']} steps, {summary['seconds']:.1f} s"
+    yield f"  loss (KL)         {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}"
 
 
 @app.command()
