@@ -27,6 +27,8 @@ pytest.importorskip("lm_eval", reason="the [tasks] extra is not installed")
 
 LOCAL_TASK = ROOT / "tasks" / "python_docs.yaml"
 QUESTIONS = [json.loads(line) for line in (ROOT / "tasks" / "python_docs.jsonl").read_text().splitlines()]
+CLOZE_TASK = ROOT / "tasks" / "everyday_cloze.yaml"
+SENTENCES = [json.loads(line) for line in (ROOT / "tasks" / "everyday_cloze.jsonl").read_text().splitlines()]
 
 
 def _words(text: str) -> list:
@@ -46,6 +48,40 @@ def test_the_local_task_shares_no_six_words_with_the_documentation_text():
         assert len(item["choices"]) == 4 and 0 <= item["answer"] < 4
         shared = _grams(item["question"] + " " + item["choices"][item["answer"]]) & seen
         assert not shared, (item["question"], shared)
+
+
+def test_the_cloze_task_is_well_formed():
+    assert len(SENTENCES) >= 100
+    for item in SENTENCES:
+        assert set(item) == {"topic", "context", "choices", "answer"}, item
+        choices = item["choices"]
+        assert len(choices) == 4 and len({c.lower() for c in choices}) == 4, item
+        assert all(c.strip() == c and c for c in choices), item  # lm-eval adds the space before a choice
+        assert isinstance(item["answer"], int) and 0 <= item["answer"] < 4, item
+        assert item["context"].strip() == item["context"] and item["context"][-1] not in ".?!", item
+    contexts = [item["context"].lower() for item in SENTENCES]
+    assert len(set(contexts)) == len(contexts), "a sentence is given twice"
+    # The right answer sits at each position about as often: no position bias to exploit.
+    positions = [sum(item["answer"] == k for item in SENTENCES) for k in range(4)]
+    assert min(positions) >= len(SENTENCES) // 6, positions
+
+
+def test_the_cloze_task_shares_no_six_words_with_the_documentation_text():
+    # Everyday sentences, unlike the calibration text (Python's documentation), so no variant is
+    # flattered by having seen a sentence while being fitted.
+    calibration, evaluation = default_texts()
+    seen = _grams(calibration) | _grams(evaluation)
+    for item in SENTENCES:
+        for choice in item["choices"]:
+            shared = _grams(item["context"] + " " + choice) & seen
+            assert not shared, (item["context"], choice, shared)
+
+
+def test_the_cloze_task_runs_through_lm_eval_with_every_sentence(tiny_tokenizer):
+    model = make_tiny_model("llama")
+    result = run_tasks(model, tiny_tokenizer, [TaskOptions(str(CLOZE_TASK))])["everyday_cloze"]
+    assert result["metric"] == "acc" and result["samples"] == len(SENTENCES)
+    assert 0 <= result["value"] <= 1 and 0 < result["stderr"] < 0.1
 
 
 def _train_on_answers(model, tokenizer, steps: int = 60):
