@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Dict, Tuple
 
@@ -45,6 +46,7 @@ from pipeline.texts import load_out_of_domain_text, load_texts
 
 def run(params: Params, name: str) -> Dict[str, float]:
     """Evaluate model `name` (`base`, a variant or `<variant>+healed`); write and return its metrics."""
+    started = time.perf_counter()
     params.check_model(name)  # an unknown name fails here, before a model is loaded
     settings = params.evaluate
     folder = layout.model_dir(name)
@@ -60,6 +62,7 @@ def run(params: Params, name: str) -> Dict[str, float]:
     else:
         metrics = _measure_in_memory(params, name, where, tokenizer, windows, other_windows)
     layout.write_json_atomic(layout.metrics_file(name), metrics)
+    print(f"evaluate {name}: done in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return metrics
 
 
@@ -159,10 +162,13 @@ def _tasks(model, tokenizer, tasks, name: str) -> dict:
     """Each task's main metric, or why it was skipped (one line on stderr per skipped task)."""
     if not tasks:
         return {}
+    started = time.perf_counter()
     results = run_tasks(model, tokenizer, tasks)  # on the compute device, where the model is
     for task, result in results.items():
         if "skipped" in result:
             print(f"evaluate {name}: task {task} skipped: {result['skipped']}", file=sys.stderr)
+    # What the tasks add to this stage's time, in the log of every run (README: Downstream tasks).
+    print(f"evaluate {name}: {len(tasks)} task(s) scored in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return results
 
 

@@ -23,7 +23,7 @@ import yaml
 
 from conftest import BIN, dvc_env, new_dvc_project
 
-HEAL = {"num_tokens": 512, "seq_len": 64, "batch_size": 2, "learning_rate": 0.001}  # 4 optimizer steps
+HEAL = {"num_tokens": 512, "seq_len": 64, "batch_size": 2, "learning_rate": 0.001, "train": "mlp"}  # 4 optimizer steps
 PARAMS = {
     "base": {"source": "local"},  # path filled in by the fixture
     "data": {"source": "default"},
@@ -100,7 +100,7 @@ def test_the_healed_model_loads_like_any_model_and_only_its_mlp_trained(built):
     pruned = AutoModelForCausalLM.from_pretrained(project / "models/vow-50").state_dict()
     assert healed.keys() == pruned.keys()
     changed = {name for name in healed if not healed[name].equal(pruned[name])}
-    # train: mlp (the default): the MLP projections moved, attention and embeddings did not.
+    # train: mlp: the MLP projections moved, attention and embeddings did not.
     assert changed and all(".mlp." in name for name in changed), changed
     assert all(healed[name].shape == pruned[name].shape for name in healed)
 
