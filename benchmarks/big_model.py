@@ -296,7 +296,9 @@ def markdown(result: dict) -> str:
         size = result["checkpoint_bytes"]
         lines = [f"# Out-of-core pruning of a {result['shape']} checkpoint", "",
                  f"Checkpoint {size / 2**30:.1f} GiB in bf16; {result['percentage']}% of the MLP pairs; "
-                 f"{result['threads']} CPU threads; AUTO on {result['calibration_tokens']} tokens.", "",
+                 f"{result['threads']} CPU threads"
+                 + (f"; AUTO on {result['calibration_tokens']} tokens." if any(r["method"] == "AUTO" for r in result["rows"])
+                    else "."), "",
                  "| step | wall s | peak RSS MiB | peak RSS / checkpoint | notes |", "|---|---|---|---|---|"]
         for row in result["rows"]:
             lines.append(f"| prune {row['method']} {result['percentage']:g}% | {row['wall_seconds']} | {row['peak_rss_mib']} "
