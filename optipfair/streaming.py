@@ -200,6 +200,7 @@ def in_memory_bytes(model_path: str | Path, dtype: torch.dtype = torch.float32) 
     """Bytes the checkpoint's weights take loaded in `dtype` (from the safetensors headers alone)."""
     from safetensors import safe_open
 
+    verify_checkpoint(model_path)  # a truncated or incomplete checkpoint is one line naming the file
     checkpoint = _Checkpoint(Path(model_path))
     total = 0
     for file in sorted(set(checkpoint.files.values())):

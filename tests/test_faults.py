@@ -159,10 +159,16 @@ def test_kill_9_during_a_stage_leaves_nothing_half_written_and_the_next_run_reco
 def test_ctrl_c_during_prune_is_one_line_and_keeps_the_previous_model(project):
     model = project / "models" / "maw-25" / "model.safetensors"
     before = model.read_bytes()
-    process = subprocess.Popen(_stage(project, "prune", "--variant", "maw-25"), cwd=project, env=dvc_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert _kill_when(process, _staging_appears(project / "models", "maw-25"), how=signal.SIGINT)
-    stderr = process.stderr.read()
+    # The tiny model is written in milliseconds: a signal sent when its staging folder appears can land
+    # after the rename. Such a run finished normally (the same model again); the test tries again.
+    for _ in range(5):
+        process = subprocess.Popen(_stage(project, "prune", "--variant", "maw-25"), cwd=project, env=dvc_env(),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        interrupted = _kill_when(process, _staging_appears(project / "models", "maw-25"), how=signal.SIGINT)
+        stderr = process.stderr.read()
+        if interrupted and process.returncode != 0:
+            break
+        assert process.returncode == 0 and model.read_bytes() == before, stderr
     assert process.returncode == 130, stderr
     assert stderr.strip().splitlines()[-1] == "optipfair-pipeline: error: interrupted; this stage wrote nothing", stderr
     assert "Traceback" not in stderr
