@@ -162,8 +162,11 @@ def test_ctrl_c_during_prune_is_one_line_and_keeps_the_previous_model(project):
     # The tiny model is written in milliseconds: a signal sent when its staging folder appears can land
     # after the rename. Such a run finished normally (the same model again); the test tries again.
     for _ in range(5):
+        # Ctrl-C as a terminal sends it: Python leaves SIGINT ignored in a child that inherits it ignored
+        # (a library imported by an earlier test may have set that in this process), so restore the default.
         process = subprocess.Popen(_stage(project, "prune", "--variant", "maw-25"), cwd=project, env=dvc_env(),
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         interrupted = _kill_when(process, _staging_appears(project / "models", "maw-25"), how=signal.SIGINT)
         stderr = process.stderr.read()
         if interrupted and process.returncode != 0:
