@@ -376,14 +376,19 @@ def _variants(raw, where: str) -> Dict[str, Variant]:
             )
         if not isinstance(values, dict):
             raise _fail(where, prefix, "must be a mapping, e.g. {method: MAW, pruning_percentage: 20}")
-        for key in values:
-            if key not in VARIANT_FIELDS:
-                raise _fail(where, f"{prefix}.{key}", f"unknown field; allowed: {', '.join(sorted(VARIANT_FIELDS))}")
-        try:
-            variants[name] = Variant(name, PruningOptions(**values))
-        except OptionError as error:
-            raise _fail(where, f"{prefix}.{error.field}", error.problem) from None
+        variants[name] = Variant(name, _options(PruningOptions, values, sorted(VARIANT_FIELDS), prefix, where))
     return variants
+
+
+def _options(options_class, values: Dict[str, Any], allowed: list, prefix: str, where: str):
+    """`options_class(**values)`, with an unknown field or a bad value refused as one line naming it."""
+    for key in values:
+        if key not in allowed:
+            raise _fail(where, f"{prefix}.{key}", f"unknown field; allowed: {', '.join(allowed)}")
+    try:
+        return options_class(**values)
+    except OptionError as error:
+        raise _fail(where, f"{prefix}.{error.field}", error.problem) from None
 
 
 def _heal(raw, variants: Dict[str, Variant], where: str) -> Dict[str, HealOptions]:
@@ -406,11 +411,5 @@ def _heal(raw, variants: Dict[str, Variant], where: str) -> Dict[str, HealOption
         settings = {} if settings is None else settings  # `auto-35:` alone: heal with the library's defaults
         if not isinstance(settings, dict):
             raise _fail(where, prefix, "must be a mapping of healing settings, e.g. {num_tokens: 262144, train: mlp}")
-        for key in settings:
-            if key not in HEAL_FIELDS:
-                raise _fail(where, f"{prefix}.{key}", f"unknown field; allowed: {', '.join(HEAL_FIELDS)}")
-        try:
-            heal[name] = HealOptions(**settings)
-        except OptionError as error:
-            raise _fail(where, f"{prefix}.{error.field}", error.problem) from None
+        heal[name] = _options(HealOptions, settings, HEAL_FIELDS, prefix, where)
     return heal
