@@ -63,7 +63,17 @@ TRIALS = {
     "mlp lr 1e-4 + hidden MSE": {"train": "mlp", "learning_rate": 1e-4, "hidden_weight": 1.0},
     "mlp lr 1e-4 T=2": {"train": "mlp", "learning_rate": 1e-4, "temperature": 2.0},
     "all lr 3e-5": {"train": "all", "learning_rate": 3e-5},
+    "all lr 1e-4 + labels 0.5": {"train": "all", "learning_rate": 1e-4, "label_weight": 0.5},
+    "all lr 1e-4 + labels 1": {"train": "all", "learning_rate": 1e-4, "label_weight": 1.0},
+    "all lr 1e-4 + labels 2": {"train": "all", "learning_rate": 1e-4, "label_weight": 2.0},
+    "all lr 3e-5 + labels 1": {"train": "all", "learning_rate": 3e-5, "label_weight": 1.0},
+    "all lr 3e-4 + labels 1": {"train": "all", "learning_rate": 3e-4, "label_weight": 1.0},
+    "mlp lr 1e-4 + labels 1": {"train": "mlp", "learning_rate": 1e-4, "label_weight": 1.0},
 }
+
+
+def _peak_gpu_mib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
 
 
 def _peak_rss_mib() -> float:
@@ -72,6 +82,15 @@ def _peak_rss_mib() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name(0) if device.startswith("cuda") else "CPU"
+
+
+def _where(setup: dict) -> str:
+    device = setup.get("device", "CPU")
+    return f"{setup['threads']} CPU threads" if device == "CPU" else f"on one {device}"
 
 
 def python_code_text() -> str:
@@ -85,13 +104,14 @@ def eval_windows(tokenizer, tokens: int, seq_len: int) -> dict:
     return {name: token_windows(tokenizer, text, tokens, seq_len) for name, text in texts.items()}
 
 
-def evaluate(model, windows: dict) -> dict:
+def evaluate(model, windows: dict, device: str = "cpu") -> dict:
+    """Perplexity on each text, in float32 on `device`."""
     from optipfair.evaluation.perplexity import perplexity
 
     if isinstance(model, (str, Path)):
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).to(device)
     model.eval()
     return {name: perplexity(model, w) for name, w in windows.items()}
 
@@ -106,7 +126,8 @@ def worker(job: dict) -> None:
     torch.set_num_threads(job["threads"])
     import optipfair
 
-    load = lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()  # noqa: E731
+    device = job.get("device", "cpu")
+    load = lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()  # noqa: E731
     windows = torch.load(job["windows"])
     model = load(job["model"])
     start = time.perf_counter()
@@ -132,15 +153,19 @@ def worker(job: dict) -> None:
         start = time.perf_counter()
         distill_model(model, teacher, loader, epochs=1, show_progress=False)
         extra = {"tokens": windows.numel(), "steps": -(-len(loader) // 4)}
+    if device != "cpu":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     model.save_pretrained(job["output"])
-    print(json.dumps({"seconds": seconds, "peak_rss_mib": _peak_rss_mib(), "package": optipfair.__file__, **extra}))
+    print(json.dumps({"seconds": seconds, "peak_rss_mib": _peak_rss_mib(), "peak_gpu_mib": _peak_gpu_mib(),
+                      "package": optipfair.__file__, **extra}))
 
 
 def run_job(job: dict, reference: Path, scratch: str) -> dict:
     env = dict(os.environ)
     package = reference if job["kind"] == "distill" else ROOT
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([str(package), str(ROOT)]))
+    # The optipfair to run comes first; what the caller had on the path (e.g. pinned packages) after it.
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([str(package), str(ROOT), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]))
     result = subprocess.run([sys.executable, "-m", "benchmarks.heal", "--worker", json.dumps(job)], env=env,
                             cwd=scratch, capture_output=True, text=True)
     if result.returncode != 0:
@@ -160,7 +185,7 @@ def trials(args, tokenizer, windows: dict, calibration: torch.Tensor) -> None:
 
     from optipfair.healing import HealOptions, heal
 
-    load = lambda path: AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()  # noqa: E731
+    load = lambda path: AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(args.device).eval()  # noqa: E731
     teacher = load(args.model)
     path = RESULTS / f"{args.name or 'heal_trials'}.json"
     rows = json.loads(path.read_text())["rows"] if args.keep and path.exists() else []
@@ -172,11 +197,12 @@ def trials(args, tokenizer, windows: dict, calibration: torch.Tensor) -> None:
         student = load(args.pruned)
         options = HealOptions(num_tokens=args.heal_tokens, seq_len=args.seq_len, **TRIALS[name])
         result = heal(student, teacher, calibration, options, show_progress=False)
-        row = {"name": name, "seconds": result.seconds, "tokens": result.tokens, **evaluate(student, windows)}
+        row = {"name": name, "seconds": result.seconds, "tokens": result.tokens, **evaluate(student, windows, args.device)}
         rows = [r for r in rows if r["name"] != name] + [row]
         print(json.dumps(row), flush=True)
         setup = {"model": shown(args.model), "pruned": shown(args.pruned), "heal_tokens": args.heal_tokens,
                  "eval_tokens": args.eval_tokens, "seq_len": args.seq_len, "threads": args.threads,
+                 "device": _device_name(args.device),
                  "command": command("benchmarks.heal")}
         path.write_text(json.dumps({"setup": setup, "rows": rows}, indent=2))
         path.with_suffix(".md").write_text(trials_markdown(rows, setup))
@@ -189,8 +215,8 @@ def trials_markdown(rows: list, setup: dict) -> str:
         "",
         f"Teacher `{setup['model']}`, student `{setup['pruned']}`; {setup['heal_tokens']} training tokens of the "
         f"calibration docs, windows of {setup['seq_len']}; evaluation on {setup['eval_tokens']} tokens of each text "
-        f"({'; '.join(f'{k}: {v}' for k, v in TEXTS.items())}). {setup['threads']} CPU threads on a shared, "
-        "busy machine: seconds are inflated and only comparable within one run.",
+        f"({'; '.join(f'{k}: {v}' for k, v in TEXTS.items())}). " + _where(setup) + ": seconds are only comparable "
+        "within one run.",
         "",
         "Perplexity ratio to the base model (lower is better).",
         "",
@@ -212,6 +238,7 @@ def trials_markdown(rows: list, setup: dict) -> str:
 
 def markdown(rows: list, setup: dict) -> str:
     base = next(r for r in rows if r["kind"] == "base")
+    gpu = setup.get("device", "CPU") != "CPU"
     labels = {"pruned": "AUTO, not healed", "heal": "AUTO + heal (this library)", "distill": "AUTO + 0.4.2 distill_model"}
     lines = [
         f"# Healing: {setup['model']}",
@@ -222,18 +249,22 @@ def markdown(rows: list, setup: dict) -> str:
         "distill_model with its own defaults and epochs=1. "
         f"Evaluation: {setup['eval_tokens']} tokens of each text: "
         + "; ".join(f"{k}: {v}" for k, v in TEXTS.items())
-        + f". float32, {setup['threads']} CPU threads; seconds and peak RSS are each training process's own "
-        "(teacher + student + optimizer).",
+        + f". Float32 weights, {_where(setup)}; seconds and peak memory are each training process's own "
+        "(teacher + student + optimizer)" + ("; on a GPU healing autocasts to bf16, distill_model runs as it is." if
+                                               setup.get("device", "CPU") != "CPU" else "."),
         "",
         "Ratios are to the base model's perplexity (" + ", ".join(f"{k} {base[k]:.3f}" for k in TEXTS) + ").",
         "",
-        "| pruned % | model | in domain | licenses | python code | tokens | train s | peak RSS MiB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| pruned % | model | in domain | licenses | python code | tokens | train s | peak RSS MiB |"
+        + (" peak GPU MiB |" if gpu else ""),
+        "|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if gpu else ""),
     ]
     order = {"pruned": 0, "heal": 1, "distill": 2}
     for r in sorted((r for r in rows if r["kind"] != "base"), key=lambda r: (r["percentage"], order[r["kind"]])):
         ratios = " | ".join(f"{r[k] / base[k]:.3f}" for k in TEXTS)
         cost = (f"{r['tokens']} | {r['seconds']:.0f} | {r['peak_rss_mib']:.0f}" if r["kind"] != "pruned" else " | | ")
+        if gpu:
+            cost += f" | {r['peak_gpu_mib']:.0f}" if r["kind"] != "pruned" else " | "
         lines.append(f"| {r['percentage']:g} | {labels[r['kind']]} | {ratios} | {cost} |")
     lines += ["", f"Reproduce: `{setup['command']}`", ""]
     return "\n".join(lines)
@@ -253,6 +284,8 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=8192, help="tokens of each evaluation text")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (healing autocasts to bf16 on a GPU)")
+    parser.add_argument("--label-weight", type=float, help="healing: hard-label weight (default: HealOptions')")
     parser.add_argument("--no-reference", action="store_true", help="leave out the 0.4.2 distill_model rows")
     parser.add_argument("--keep", action="store_true", help="reuse rows of the earlier results for percentages not run now")
     parser.add_argument("--trials", action="store_true", help="compare healing settings on --pruned instead")
@@ -291,11 +324,12 @@ def main() -> None:
         return trials(args, tokenizer, windows, calibration[: args.heal_tokens // args.seq_len])
 
     # The library's defaults unless given: what the table compares is `heal` as users get it.
-    heal_options = {k: v for k, v in (("train", args.train), ("learning_rate", args.learning_rate)) if v is not None}
+    heal_options = {k: v for k, v in (("train", args.train), ("learning_rate", args.learning_rate),
+                                      ("label_weight", args.label_weight)) if v is not None}
     setup = {"model": shown(args.model), "calibration_tokens": calibration.numel(), "heal_tokens": args.heal_tokens,
              "heal_options": heal_options,
              "eval_tokens": args.eval_tokens, "seq_len": args.seq_len, "threads": args.threads,
-             "command": command("benchmarks.heal")}
+             "device": _device_name(args.device), "command": command("benchmarks.heal")}
     if args.pruned:
         setup["pruned"] = shown(args.pruned)
     path = RESULTS / "heal.json"
@@ -306,24 +340,24 @@ def main() -> None:
             raise SystemExit(f"--keep: {path} was measured with other settings {earlier['setup']}")
         rows = [r for r in earlier["rows"] if r["percentage"] not in args.percentages]
     if not any(r["kind"] == "base" for r in rows):
-        rows.insert(0, {"kind": "base", "percentage": 0, **evaluate(args.model, windows)})
+        rows.insert(0, {"kind": "base", "percentage": 0, **evaluate(args.model, windows, args.device)})
     with tempfile.TemporaryDirectory() as scratch:
         calibration_file = Path(scratch) / "calibration.pt"
         torch.save(calibration, calibration_file)
         for percentage in args.percentages:
             pruned = args.pruned or Path(scratch) / f"auto-{percentage:g}"
-            common = {"threads": args.threads, "windows": str(calibration_file), "percentage": percentage,
+            common = {"threads": args.threads, "device": args.device, "windows": str(calibration_file), "percentage": percentage,
                       "teacher": str(args.model.resolve()), "tokens": args.heal_tokens, "options": heal_options}
             if not args.pruned:
                 run_job({**common, "kind": "prune", "model": str(args.model.resolve()), "output": str(pruned)},
                         args.reference, scratch)
-            rows.append({"kind": "pruned", "percentage": percentage, **evaluate(pruned, windows)})
+            rows.append({"kind": "pruned", "percentage": percentage, **evaluate(pruned, windows, args.device)})
             print(json.dumps(rows[-1]), flush=True)
             for kind in ("heal", "distill") if use_reference else ("heal",):
                 output = Path(scratch) / f"{kind}-{percentage:g}"
                 row = run_job({**common, "kind": kind, "model": str(pruned), "output": str(output)},
                               args.reference, scratch)
-                rows.append({"kind": kind, "percentage": percentage, **row, **evaluate(output, windows)})
+                rows.append({"kind": kind, "percentage": percentage, **row, **evaluate(output, windows, args.device)})
                 print(json.dumps(rows[-1]), flush=True)
                 # Written after every row, so a long run that is stopped still leaves its table.
                 path.write_text(json.dumps({"setup": setup, "rows": rows}, indent=2))

@@ -13,7 +13,13 @@ from typing import Any, Dict, Optional
 import typer
 
 from optipfair.errors import OptiPFairError, OptionError
-from optipfair.healing import DEFAULT_HEAL_LR, DEFAULT_HEAL_SEQ_LEN, DEFAULT_HEAL_TOKENS, DEFAULT_HEAL_TRAIN
+from optipfair.healing import (
+    DEFAULT_HEAL_LABEL_WEIGHT,
+    DEFAULT_HEAL_LR,
+    DEFAULT_HEAL_SEQ_LEN,
+    DEFAULT_HEAL_TOKENS,
+    DEFAULT_HEAL_TRAIN,
+)
 from optipfair.pruning.options import (
     DEFAULT_CALIBRATION_SEQ_LEN,
     DEFAULT_CALIBRATION_TOKENS,
@@ -270,6 +276,10 @@ def heal(
     train: Trainable = typer.Option(
         Trainable(DEFAULT_HEAL_TRAIN), "--train", help="Which weights train: mlp (MLP projections), all, or lora (needs peft)."
     ),
+    label_weight: float = typer.Option(
+        DEFAULT_HEAL_LABEL_WEIGHT, "--label-weight",
+        help="Weight of the cross-entropy on the text's own next tokens, added to the KL to the teacher (0: teacher only).",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the window order."),
     calibration_file: Optional[str] = typer.Option(
         None, "--calibration-file", help="Text to train on (default: Python's own docs, as for pruning)."
@@ -289,7 +299,8 @@ def heal(
     try:
         try:
             options = HealOptions(
-                num_tokens=num_tokens, seq_len=seq_len, learning_rate=learning_rate, train=train.value, seed=seed
+                num_tokens=num_tokens, seq_len=seq_len, learning_rate=learning_rate, train=train.value,
+                label_weight=label_weight, seed=seed,
             )
         except OptionError as error:
             raise OptiPFairError(f"{_flag(error.field)}: {error.problem}") from None
@@ -313,7 +324,7 @@ def heal(
             "output_path": str(output_path), "model_path": model_path, "teacher_path": teacher_path,
             "steps": result.steps, "tokens": result.tokens, "seconds": round(result.seconds, 2),
             "first_loss": result.losses[0], "last_loss": result.losses[-1], "train": options.train,
-            "learning_rate": options.learning_rate, "seed": options.seed,
+            "learning_rate": options.learning_rate, "label_weight": options.label_weight, "seed": options.seed,
         }
         if as_json:
             _print_result({**summary, "losses": result.losses}, True, [])
@@ -332,7 +343,8 @@ def _heal_summary(summary: Dict[str, Any]):
     yield f"  teacher           {summary['teacher_path']}"
     yield f"  trained           {summary['train']} weights, learning rate {summary['learning_rate']:g}, seed {summary['seed']}"
     yield f"  tokens            {summary['tokens']:,} in {summary['steps']} steps, {summary['seconds']:.1f} s"
-    yield f"  loss (KL)         {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}"
+    loss = "KL" if summary["label_weight"] == 0 else f"KL + {summary['label_weight']:g} x cross-entropy"
+    yield f"  loss ({loss})".ljust(20) + f"{summary['first_loss']:.4f} -> {summary['last_loss']:.4f}"
 
 
 @app.command()

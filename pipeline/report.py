@@ -62,7 +62,7 @@ def summary_markdown(params: Params, rows: Dict[str, dict]) -> str:
         f"tokens of {out_of_domain_label(params.evaluate)}, a text unlike the calibration text; ratios (×) "
         "relative to the base model. Speed ratios are measured side by side: each variant and the base model "
         f"timed alternately in one process, median of {params.evaluate['num_runs']} rounds; the tokens/s beside "
-        "them are this machine's CPU at the time of each measurement, context only.",
+        "them are this machine's at the time of each measurement, context only.",
         "",
         f"Pruning methods compared on more text, with the reference implementation: "
         f"[{layout.QUALITY_BENCHMARK}]({Path(os.path.relpath(layout.QUALITY_BENCHMARK, layout.SUMMARY.parent)).as_posix()}) "
@@ -133,7 +133,8 @@ def healing_markdown(params: Params, rows: Dict[str, dict]) -> List[str]:
         o = params.heal_options(variant)
         before = rows[variant]
         lines.append(
-            f"| {name} | {o.num_tokens} tokens, train {o.train}, learning rate {o.learning_rate:g} "
+            f"| {name} | {o.num_tokens} tokens, train {o.train}, learning rate {o.learning_rate:g}, "
+            f"label weight {o.label_weight:g} "
             f"| {before['perplexity']:.2f} → {m['perplexity']:.2f} (×{m['perplexity_vs_unhealed']:.2f}) "
             f"| {before['perplexity_out_of_domain']:.2f} → {m['perplexity_out_of_domain']:.2f} "
             f"(×{m['perplexity_out_of_domain_vs_unhealed']:.2f}) |"
@@ -141,7 +142,8 @@ def healing_markdown(params: Params, rows: Dict[str, dict]) -> List[str]:
     lines += [
         "",
         "Healed models are trained to match the base model's outputs on the calibration text (`heal:` in "
-        "params.yaml); ratios (×) are to the unhealed variant, below 1 is better. Loss curves: "
+        "params.yaml), plus the text's own next tokens by the label weight; ratios (×) are to the unhealed "
+        "variant, below 1 is better. Loss curves: "
         "`dvc plots show reports/heal`.",
     ]
     return lines
