@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -116,6 +117,34 @@ def dvc_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(DVC_NO_ANALYTICS="1", HF_HUB_OFFLINE="1", PATH=f"{BIN}{os.pathsep}{env['PATH']}", **extra)
     return env
+
+
+def tiny_pipeline_params(experiment: str, variants: dict, model_dir: Path, **sections) -> dict:
+    """params.yaml for a DVC project on a tiny local model: few tokens, one speed round, MLflow `experiment`."""
+    return {
+        "base": {"source": "local", "path": str(model_dir)},
+        "data": {"source": "default"},
+        "calibration": {"num_tokens": 256, "seq_len": 64},
+        "evaluate": {"num_tokens": 256, "seq_len": 64, "prompt": "def f(x):", "max_new_tokens": 4, "num_runs": 1,
+                     "warmup_runs": 0},
+        "tracking": {"experiment": experiment},
+        "variants": variants,
+        **sections,
+    }
+
+
+def repro(project: Path, *args: str, **env) -> tuple:
+    """Run `dvc repro` in `project`: (the names of the stages it ran, the finished process)."""
+    done = subprocess.run([str(BIN / "dvc"), "repro", *args], cwd=project, capture_output=True, text=True,
+                          env=dvc_env(**env), timeout=600)
+    return set(re.findall(r"Running stage '([^']+)'", done.stdout + done.stderr)), done
+
+
+def copy_project(built: Path, tmp_path: Path) -> Path:
+    """A private copy of a built project (git repository, DVC cache, MLflow store and all)."""
+    copy = tmp_path / "project"
+    shutil.copytree(built, copy, symlinks=True)
+    return copy
 
 
 def new_dvc_project(root: Path, params: dict) -> Path:

@@ -24,18 +24,7 @@ import pytest
 import yaml
 
 
-from conftest import BIN, dvc_env, make_tiny_model, new_dvc_project
-
-PARAMS = {
-    "base": {"source": "local"},  # path filled in by the fixture
-    "data": {"source": "default"},
-    "calibration": {"num_tokens": 256, "seq_len": 64},
-    "evaluate": {"num_tokens": 256, "seq_len": 64, "prompt": "def f(x):", "max_new_tokens": 4, "num_runs": 1,
-                 "warmup_runs": 0},
-    "tracking": {"experiment": "faults"},
-    "variants": {"maw-25": {"method": "MAW", "pruning_percentage": 25}},
-}
-
+from conftest import BIN, copy_project, dvc_env, make_tiny_model, new_dvc_project, repro, tiny_pipeline_params
 
 def _run(project: Path, *command: str, **env) -> subprocess.CompletedProcess:
     return subprocess.run(list(command), cwd=project, capture_output=True, text=True, env=dvc_env(**env), timeout=600)
@@ -46,7 +35,7 @@ def _stage(project: Path, *args: str) -> list:
 
 
 def _repro(project: Path, **env) -> subprocess.CompletedProcess:
-    return _run(project, str(BIN / "dvc"), "repro", **env)
+    return repro(project, **env)[1]
 
 
 def _leftovers(project: Path) -> list:
@@ -73,8 +62,7 @@ def fault_model_dir(tmp_path_factory, tiny_tokenizer):
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, fault_model_dir):
     """A git + DVC project whose pipeline has run once; each test works on its own copy."""
-    params = json.loads(json.dumps(PARAMS))
-    params["base"]["path"] = str(fault_model_dir)
+    params = tiny_pipeline_params("faults", {"maw-25": {"method": "MAW", "pruning_percentage": 25}}, fault_model_dir)
     project = new_dvc_project(tmp_path_factory.mktemp("built"), params)
     done = _repro(project)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -85,9 +73,7 @@ def built(tmp_path_factory, fault_model_dir):
 
 @pytest.fixture
 def project(built, tmp_path):
-    copy = tmp_path / "project"
-    shutil.copytree(built, copy, symlinks=True)
-    return copy
+    return copy_project(built, tmp_path)
 
 
 def _up_to_date(project: Path) -> None:

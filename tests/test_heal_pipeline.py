@@ -13,39 +13,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import BIN, dvc_env, new_dvc_project
+from conftest import BIN, copy_project, dvc_env, new_dvc_project, repro, tiny_pipeline_params
 
 HEAL = {"num_tokens": 512, "seq_len": 64, "batch_size": 2, "learning_rate": 0.001, "train": "mlp"}  # 4 optimizer steps
-PARAMS = {
-    "base": {"source": "local"},  # path filled in by the fixture
-    "data": {"source": "default"},
-    "calibration": {"num_tokens": 256, "seq_len": 64},
-    "evaluate": {"num_tokens": 256, "seq_len": 64, "prompt": "def f(x):", "max_new_tokens": 4, "num_runs": 1,
-                 "warmup_runs": 0},
-    "tracking": {"experiment": "heal-test"},
-    "variants": {
-        "maw-25": {"method": "MAW", "pruning_percentage": 25},
-        "vow-50": {"method": "VOW", "pruning_percentage": 50, "round_to": 8},
-    },
-    "heal": {"vow-50": HEAL},
+VARIANTS = {
+    "maw-25": {"method": "MAW", "pruning_percentage": 25},
+    "vow-50": {"method": "VOW", "pruning_percentage": 50, "round_to": 8},
 }
 # What an edit of heal.vow-50 re-runs (validate re-runs on every edit of params.yaml; it only reads it).
 HEAL_STAGES = {"validate", "heal@vow-50", "evaluate_healed@vow-50", "report", "track"}
-
-
-def _repro(project: Path, *args: str) -> tuple[set, subprocess.CompletedProcess]:
-    """Run `dvc repro`; return the names of the stages it ran, and the finished process."""
-    done = subprocess.run([str(BIN / "dvc"), "repro", *args], cwd=project, capture_output=True, text=True,
-                          env=dvc_env())
-    return set(re.findall(r"Running stage '([^']+)'", done.stdout + done.stderr)), done
 
 
 def _edit_params(project: Path, change) -> None:
@@ -67,21 +49,21 @@ def _digest(folder: Path) -> dict:
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir())}
 
 
+def _params(model_dir: Path, heal: dict | None) -> dict:
+    return tiny_pipeline_params("heal-test", VARIANTS, model_dir, heal=heal)
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, tiny_model_dir):
     """The project after its first full `dvc repro`: (project, stages run, process). Read it, never change it."""
-    params = {**PARAMS, "base": {"source": "local", "path": str(tiny_model_dir)}}
-    project = new_dvc_project(tmp_path_factory.mktemp("healed"), params)
-    ran, done = _repro(project)
+    project = new_dvc_project(tmp_path_factory.mktemp("healed"), _params(tiny_model_dir, {"vow-50": HEAL}))
+    ran, done = repro(project)
     return project, ran, done
 
 
 @pytest.fixture
 def project(built, tmp_path):
-    """A private copy of the built project (git repository, DVC cache, MLflow store and all)."""
-    copy = tmp_path / "project"
-    shutil.copytree(built[0], copy, symlinks=True)
-    return copy
+    return copy_project(built[0], tmp_path)
 
 
 def test_repro_heals_the_listed_variant_and_only_it(built):
@@ -152,7 +134,7 @@ def test_editing_only_the_heal_block_reheals_without_pruning_again(project):
     pruned = _digest(project / "models/vow-50")
     healed = _digest(project / "models/vow-50+healed")
     _edit_params(project, lambda p: p["heal"]["vow-50"].update(learning_rate=0.003))
-    ran, done = _repro(project)
+    ran, done = repro(project)
     assert done.returncode == 0, done.stdout + done.stderr
     assert ran == HEAL_STAGES
     assert _digest(project / "models/vow-50") == pruned
@@ -167,7 +149,7 @@ def test_the_healed_model_is_saved_in_the_compute_dtype_like_its_variant(project
     from safetensors import safe_open
 
     _edit_params(project, lambda params: params.update(compute={"dtype": "bfloat16"}))
-    ran, done = _repro(project, "heal@vow-50")
+    ran, done = repro(project, "heal@vow-50")
     assert done.returncode == 0, done.stdout + done.stderr
     assert {"prune@vow-50", "heal@vow-50"} <= ran
     for name in ("vow-50", "vow-50+healed"):
@@ -177,7 +159,7 @@ def test_the_healed_model_is_saved_in_the_compute_dtype_like_its_variant(project
 
 def test_healing_nothing_is_heal_colon_empty_and_drops_the_healed_rows(project):
     _edit_params(project, lambda p: p.update(heal={}))
-    ran, done = _repro(project)
+    ran, done = repro(project)
     assert done.returncode == 0, done.stdout + done.stderr
     assert ran == {"validate", "report", "track"}
     assert "vow-50+healed" not in (project / "reports/summary.md").read_text()
@@ -185,7 +167,7 @@ def test_healing_nothing_is_heal_colon_empty_and_drops_the_healed_rows(project):
 
 def test_a_params_file_without_heal_section_is_refused_by_dvc_before_any_stage(project):
     _edit_params(project, lambda p: p.pop("heal"))
-    ran, done = _repro(project)
+    ran, done = repro(project)
     assert done.returncode != 0 and ran == set()
     assert "Could not find 'heal'" in done.stderr, done.stderr
 
@@ -193,7 +175,7 @@ def test_a_params_file_without_heal_section_is_refused_by_dvc_before_any_stage(p
 def test_a_bad_heal_budget_stops_repro_with_one_line_and_keeps_the_models(project):
     healed = _digest(project / "models/vow-50+healed")
     _edit_params(project, lambda p: p["heal"]["vow-50"].update(num_tokens=0))
-    ran, done = _repro(project)
+    ran, done = repro(project)
     assert done.returncode != 0
     assert "heal.vow-50.num_tokens:" in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert not ran & {"prune@vow-50", "evaluate_healed@vow-50", "report", "track"}
@@ -218,7 +200,7 @@ def test_bad_heal_settings_are_refused_with_one_line_naming_the_field(field, hea
 
     from pipeline.cli import app
 
-    params = {**PARAMS, "base": {"source": "local", "path": str(tiny_model_dir)}, "heal": heal}
+    params = _params(tiny_model_dir, heal)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     result = CliRunner().invoke(app, ["heal", "--variant", "vow-50", "--params", str(tmp_path / "params.yaml")])
     assert result.exit_code == 2
@@ -231,7 +213,7 @@ def test_healing_or_evaluating_a_variant_without_heal_block_names_the_fix(tiny_m
 
     from pipeline.cli import app
 
-    params = {**PARAMS, "base": {"source": "local", "path": str(tiny_model_dir)}}
+    params = _params(tiny_model_dir, {"vow-50": HEAL})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for command in (["heal", "--variant", "maw-25"], ["evaluate", "--variant", "maw-25+healed"]):
         result = CliRunner().invoke(app, [*command, "--params", str(tmp_path / "params.yaml")])

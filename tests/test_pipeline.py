@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,32 +20,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import BIN, ROOT, dvc_env, new_dvc_project
+from conftest import BIN, ROOT, copy_project, dvc_env, new_dvc_project, repro, tiny_pipeline_params
 
-PARAMS = {
-    "base": {"source": "local"},  # path filled in by the fixture
-    "data": {"source": "default"},
-    "calibration": {"num_tokens": 256, "seq_len": 64},
-    "evaluate": {"num_tokens": 256, "seq_len": 64, "prompt": "def f(x):", "max_new_tokens": 4, "num_runs": 1,
-                 "warmup_runs": 0},
-    "tracking": {"experiment": "pipeline-test"},
-    "variants": {
-        "maw-25": {"method": "MAW", "pruning_percentage": 25},
-        "vow-50": {"method": "VOW", "pruning_percentage": 50, "round_to": 8},
-    },
+VARIANTS = {
+    "maw-25": {"method": "MAW", "pruning_percentage": 25},
+    "vow-50": {"method": "VOW", "pruning_percentage": 50, "round_to": 8},
 }
 
 
 def _git(project: Path, *args: str) -> None:
     subprocess.run(["git", *args], cwd=project, check=True, capture_output=True, env=dvc_env())
-
-
-def _repro(project: Path, *args: str, **env) -> tuple[set, subprocess.CompletedProcess]:
-    """Run `dvc repro`; return the names of the stages it ran, and the finished process."""
-    done = subprocess.run([str(BIN / "dvc"), "repro", *args], cwd=project, capture_output=True, text=True,
-                          env=dvc_env(**env))
-    ran = set(re.findall(r"Running stage '([^']+)'", done.stdout + done.stderr))
-    return ran, done
 
 
 def _write_params(project: Path, params: dict) -> None:
@@ -69,18 +52,15 @@ def _runs(project: Path) -> dict:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, tiny_model_dir):
     """The project after its first full `dvc repro`: (project, stages run, process). Read it, never change it."""
-    params = {**PARAMS, "base": {"source": "local", "path": str(tiny_model_dir)}}
-    project = new_dvc_project(tmp_path_factory.mktemp("built"), params)
-    ran, done = _repro(project)
+    project = new_dvc_project(tmp_path_factory.mktemp("built"),
+                              tiny_pipeline_params("pipeline-test", VARIANTS, tiny_model_dir))
+    ran, done = repro(project)
     return project, ran, done
 
 
 @pytest.fixture
 def project(built, tmp_path):
-    """A private copy of the built project (git repository, DVC cache, MLflow store and all)."""
-    copy = tmp_path / "project"
-    shutil.copytree(built[0], copy, symlinks=True)
-    return copy
+    return copy_project(built[0], tmp_path)
 
 
 ALL_STAGES = {
@@ -137,7 +117,7 @@ def test_repro_builds_evaluates_reports_and_tracks_everything(built):
 
 def test_unchanged_pipeline_runs_only_track_and_logs_no_duplicate(project):
     before = {name: run.info.run_id for name, run in _runs(project).items()}
-    ran, done = _repro(project)
+    ran, done = repro(project)
     assert done.returncode == 0 and ran == {"track"}, done.stdout  # track always checks MLflow
     assert {name: run.info.run_id for name, run in _runs(project).items()} == before
 
@@ -146,7 +126,7 @@ def test_editing_one_variant_reruns_only_that_variant(project):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["variants"]["vow-50"]["pruning_percentage"] = 40
     _write_params(project, params)
-    ran, done = _repro(project)
+    ran, done = repro(project)
     assert done.returncode == 0, done.stdout + done.stderr
     assert ran == VARIANT_STAGES("vow-50")
     # A new configuration is a new run; the old one stays as history, the others are untouched.
@@ -161,14 +141,14 @@ def test_added_variant_survives_a_broken_mlflow_store_and_is_logged_later(projec
 
     # A store that cannot be opened (its folder is a file): only tracking may fail.
     (tmp_path / "not-a-folder").write_text("")
-    ran, done = _repro(project, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/not-a-folder/mlflow.db")
+    ran, done = repro(project, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/not-a-folder/mlflow.db")
     assert done.returncode != 0
     assert ran == VARIANT_STAGES("auto-30")
     assert "MLflow tracking" in done.stderr and "Traceback" not in done.stderr
     assert json.loads((project / "reports/metrics/auto-30.json").read_text())["perplexity"] > 0
     assert "| auto-30 | AUTO 30%, round_to 8, shrinkage 0.3 |" in (project / "reports/summary.md").read_text()
 
-    ran, done = _repro(project)
+    ran, done = repro(project)
     assert done.returncode == 0, done.stdout + done.stderr
     assert ran == {"track"}
     assert "auto-30:30" in _runs(project)
@@ -178,7 +158,7 @@ def test_a_misspelt_section_stops_repro_at_validate(project):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["evalute"] = {"num_tokens": 100}  # read by no stage: without validate, repro would run nothing
     _write_params(project, params)
-    ran, done = _repro(project)
+    ran, done = repro(project)
     assert done.returncode != 0 and ran == {"validate"}
     assert "unknown section 'evalute'" in done.stderr and "Traceback" not in done.stderr
 
@@ -189,10 +169,10 @@ def test_a_variant_name_with_a_space_is_refused_by_the_naming_rule(project):
     _write_params(project, params)
     naming_rule = "variants.my variant: bad name; use lowercase letters"
     # The command gets the name as one argument (not "Got unexpected extra argument"), so the params check answers.
-    ran, done = _repro(project, "--single-item", "prune@my variant")
+    ran, done = repro(project, "--single-item", "prune@my variant")
     assert done.returncode != 0 and ran == {"prune@my variant"}
     assert naming_rule in done.stderr and "unexpected extra argument" not in done.stderr, done.stderr
-    ran, done = _repro(project)
+    ran, done = repro(project)
     assert done.returncode != 0 and naming_rule in done.stderr, done.stderr
     assert not (project / "models" / "my variant").exists()
 
@@ -217,7 +197,7 @@ def test_bad_params_are_refused_with_one_line_naming_the_field(field, breaks, ti
 
     from pipeline.cli import app
 
-    params = json.loads(json.dumps({**PARAMS, "base": {"source": "local", "path": str(tiny_model_dir)}}))
+    params = json.loads(json.dumps(tiny_pipeline_params("pipeline-test", VARIANTS, tiny_model_dir)))
     breaks(params)
     _write_params(tmp_path, params)
     result = CliRunner().invoke(app, ["prune", "--variant", "maw-25", "--params", str(tmp_path / "params.yaml")])
@@ -266,7 +246,7 @@ def test_a_second_clone_pulls_what_the_first_pushed_and_builds_nothing(project, 
     # Machine two: a fresh clone fetches every model instead of rebuilding it.
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(project), str(clone)], check=True, capture_output=True, env=dvc_env())
-    ran, done = _repro(clone, "--pull")
+    ran, done = repro(clone, "--pull")
     assert done.returncode == 0, done.stdout + done.stderr
     assert ran == {"track"}, done.stdout  # track always runs: it checks this machine's MLflow store
     assert "Pulling data for stage: 'prune@vow-50'" in done.stdout
