@@ -127,3 +127,30 @@ def test_layer_by_layer_perplexity_matches_the_loaded_model(arch, tiny_tokenizer
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
     expected = perplexity(loaded, windows)
     assert perplexity_checkpoint(tmp_path / "m", windows, show_progress=False) == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("arch, tied", [("llama", False), ("gemma2", True)], ids=["llama-untied", "gemma2-tied"])
+def test_layer_by_layer_perplexity_of_a_bfloat16_checkpoint_is_the_float32_figure(arch, tied, tiny_tokenizer,
+                                                                                  tmp_path, monkeypatch):
+    """The embeddings and head stay in bf16 (rows and blocks cast as used), the arithmetic is float32's."""
+    from optipfair import streaming
+    from optipfair.evaluation.perplexity import perplexity
+
+    make_tiny_model(arch, tie_word_embeddings=tied).to(torch.bfloat16).save_pretrained(tmp_path / "m")
+    windows = _calibration(tiny_tokenizer, rows=3, seq_len=32)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    expected = perplexity(loaded, windows)
+    # Positions through the head a few at a time, its weight cast a few rows at a time: chunk edges everywhere.
+    vocabulary = loaded.config.vocab_size
+    monkeypatch.setattr(streaming, "HEAD_CHUNK_LOGITS", 7 * vocabulary)
+    monkeypatch.setattr(streaming, "_BLOCK_BYTES", 4 * loaded.config.hidden_size * (vocabulary // 3))
+    assert streaming.perplexity_checkpoint(tmp_path / "m", windows, show_progress=False) == pytest.approx(expected, rel=1e-4)
+
+
+def test_layer_by_layer_perplexity_refuses_tokens_outside_the_vocabulary(tmp_path):
+    from optipfair.streaming import perplexity_checkpoint
+
+    make_tiny_model("llama").save_pretrained(tmp_path / "m")
+    vocabulary = json.loads((tmp_path / "m/config.json").read_text())["vocab_size"]
+    with pytest.raises(OptiPFairError, match=f"token id {vocabulary} is outside the model's vocabulary of {vocabulary}"):
+        perplexity_checkpoint(tmp_path / "m", torch.full((1, 8), vocabulary), show_progress=False)
