@@ -13,10 +13,12 @@ give the same weights.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
 import shutil
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Dict, Iterable, Optional
 
@@ -95,13 +97,13 @@ def prune_checkpoint(
         what = "DEPTH pruning" if method is None else f"method {options.method}"
         calibration_data = calibration.check_calibration_data(calibration_data, what)
     before = _parameter_count(model)
-    if options.needs_calibration:
-        # Calibration runs the model up to the first layer: only the embedding rows of the
-        # calibration tokens are needed (the head and final norm are copied without being read in).
-        calibration_data = _load_embedding_rows(model, checkpoint, calibration_data)
     outer = [name for name in checkpoint.names if not name.startswith(layers_prefix)]
 
-    with staged_directory(target, needed_bytes=checkpoint.size_bytes) as staging:
+    with staged_directory(target, needed_bytes=checkpoint.size_bytes) as staging, ExitStack() as calibrating:
+        if options.needs_calibration:
+            # Calibration runs the model up to the first layer: only the embedding rows of the
+            # calibration tokens are needed (the head and final norm are copied without being read in).
+            calibration_data = calibrating.enter_context(_embedding_rows(model, checkpoint, calibration_data))
         shards = _ShardWriter(staging, max_shard_bytes)
         if method is None:
             # Two passes: measure every layer (each read once), then copy the kept ones, renumbered.
@@ -153,24 +155,16 @@ def _streamed_layers(checkpoint, adapter, layers_prefix: str, description: str, 
 
 
 def _release_freed_memory() -> None:
-    """Hand the freed heap back to the system (glibc only; elsewhere nothing to do).
+    """Hand the freed heap back to the system (glibc's malloc_trim; elsewhere nothing to do).
 
     glibc keeps freed blocks under its adaptive mmap threshold (up to 32 MiB: most of a small
     model's weight matrices) in its heap, and one layer after another leaves it fragmented: on a
     1B-shaped model, peak RSS was 0.6 GiB higher without this.
     """
     try:
-        _LIBC.malloc_trim(0)
-    except AttributeError:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
         pass
-
-
-try:
-    import ctypes
-
-    _LIBC = ctypes.CDLL("libc.so.6")
-except OSError:  # not glibc
-    _LIBC = None
 
 
 @torch.no_grad()
@@ -193,17 +187,19 @@ def perplexity_checkpoint(model_path: str | Path, windows: torch.Tensor, show_pr
     big = {_weight_name(model, model.get_input_embeddings()), _weight_name(model, model.get_output_embeddings())}
     small = [name for name in checkpoint.names if not name.startswith(layers_prefix) and name not in big]
     _load(model, checkpoint, small, prefix="")  # final norm, head bias, ...: a few vectors
-    rows = _load_embedding_rows(model, checkpoint, windows)
-    batch_rows = max(1, EVAL_BATCH_TOKENS // windows.shape[1])
-    hidden, layer_kwargs = calibration.capture_layer_inputs(model, adapter, rows, batch_size=batch_rows)
+    with _embedding_rows(model, checkpoint, windows) as renumbered:
+        batch_rows = max(1, EVAL_BATCH_TOKENS // windows.shape[1])
+        hidden, layer_kwargs = calibration.capture_layer_inputs(model, adapter, renumbered, batch_size=batch_rows)
     for index, layer in _streamed_layers(checkpoint, adapter, layers_prefix, "Perplexity layer by layer",
                                          show_progress):
         hidden = calibration.run_layer(layer, hidden, layer_kwargs[index])
     return math.exp(_head_nll(model, checkpoint, adapter, windows, torch.cat(hidden)) / windows[:, 1:].numel())
 
 
-def _load_embedding_rows(model: nn.Module, checkpoint: "_Checkpoint", token_ids: torch.Tensor) -> torch.Tensor:
-    """Give the model's input embeddings only the rows of `token_ids`, in float32; returns the ids renumbered into them.
+@contextmanager
+def _embedding_rows(model: nn.Module, checkpoint: "_Checkpoint", token_ids: torch.Tensor):
+    """Within the block, the model's input embeddings hold only the rows of `token_ids`, in float32;
+    yields the ids renumbered into them. The full-size (meta) embeddings come back after.
 
     A 128k-token vocabulary is 1-2 GiB of embeddings, of which a few thousand tokens use a few
     MiB. The rows are exact (float32 holds any stored dtype), and the embedding module's own
@@ -216,8 +212,12 @@ def _load_embedding_rows(model: nn.Module, checkpoint: "_Checkpoint", token_ids:
     vocabulary = checkpoint.shapes[name][0]
     if used.max().item() >= vocabulary:
         raise OptiPFairError(f"token id {used.max().item()} is outside the model's vocabulary of {vocabulary}")
+    full = embeddings.weight
     embeddings.weight = nn.Parameter(checkpoint.read_rows(name, used).float(), requires_grad=False)
-    return renumbered
+    try:
+        yield renumbered
+    finally:
+        embeddings.weight = full
 
 
 def _head_nll(model: nn.Module, checkpoint: "_Checkpoint", adapter, windows: torch.Tensor,
@@ -404,6 +404,7 @@ def _skeleton(folder: Path) -> nn.Module:
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.config.dtype = stored_dtype  # the saved config names the dtype the weights are written in
+    model.tie_weights()  # as from_pretrained does: a tied head is the embeddings' parameter, counted once
     return model.eval()
 
 

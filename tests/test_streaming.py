@@ -57,6 +57,21 @@ def test_streamed_pruning_gives_the_in_memory_weights(arch, extra, options, tiny
     assert (tmp_path / "out/tokenizer.json").is_file()
 
 
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("method", ["MAW", "AUTO"])
+def test_streamed_statistics_are_the_in_memory_ones(method, tied, tiny_tokenizer, tmp_path):
+    source = tmp_path / "source"
+    make_tiny_model("llama", tie_word_embeddings=tied).save_pretrained(source)
+    options = PruningOptions(method=method, pruning_percentage=25)
+    calibration = _calibration(tiny_tokenizer) if options.needs_calibration else None
+
+    stats = prune_checkpoint(source, tmp_path / "out", options, calibration_data=calibration, show_progress=False)
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    _, expected = prune(model, options, calibration_data=calibration, show_progress=False, return_stats=True)
+    assert {k: stats[k] for k in expected} == expected
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "phi3"])
 def test_streamed_depth_pruning_removes_the_layers_in_memory_pruning_removes(arch, tiny_tokenizer, tmp_path):
     source = tmp_path / "source"
