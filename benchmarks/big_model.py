@@ -4,6 +4,7 @@ Two parts, each run by hand from the repository root:
 
     python -m benchmarks.big_model compare    # default model (models/base): in memory vs out of core
     python -m benchmarks.big_model big        # a random-weight checkpoint of Llama-3.1-8B's shape (bf16, ~16 GB)
+    python -m benchmarks.big_model big --shape llama-3.2-1b    # the same on Llama-3.2-1B's shape (2.3 GB): minutes
 
 Every pruning runs in its own process under `/usr/bin/time -v`, whose "Maximum resident set
 size" is the peak RSS reported (file-backed pages included). `compare` runs the in-memory path
@@ -11,7 +12,8 @@ size" is the peak RSS reported (file-backed pages included). `compare` runs the 
 (`optipfair.streaming.prune_checkpoint`) alternately, MAW and AUTO, so a busy machine
 slows both alike; it also checks that both wrote the same weights. `big` builds the checkpoint
 under benchmarks/scratch/ (git-ignored) once, prunes it out of core, and reloads the result with
-stock `from_pretrained`. Results: benchmarks/results/big_model_<part>.md and .json.
+stock `from_pretrained`. Results: benchmarks/results/big_model_<part>.md and .json (another shape
+than the 8B's: big_model_big-<shape>.*).
 """
 
 from __future__ import annotations
