@@ -485,7 +485,7 @@ class _ShardWriter:
             self._close()
             entry["data_offsets"] = [0, size]
         if self.file is None:
-            self.file = open(self.folder / f"part-{len(self.written):05d}.safetensors", "wb")
+            self.file = open(self.folder / f"part-{len(self.written):05d}.safetensors", "w+b")
             self.file.seek(8 + _HEADER_ROOM)
         self.header[name] = entry
         self.header_bytes += entry_bytes
@@ -493,10 +493,21 @@ class _ShardWriter:
 
     def _close(self) -> None:
         if self.file is None:  # a model with no tensors at all: one empty shard
-            self.file = open(self.folder / f"part-{len(self.written):05d}.safetensors", "wb")
+            self.file = open(self.folder / f"part-{len(self.written):05d}.safetensors", "w+b")
+            self.file.seek(8 + _HEADER_ROOM)
         header = json.dumps({"__metadata__": {"format": "pt"}, **self.header}, separators=(",", ":")).encode()
-        self.file.seek(0)
-        self.file.write(_HEADER_ROOM.to_bytes(8, "little") + header.ljust(_HEADER_ROOM))
+        if self.size <= 64 * _HEADER_ROOM:
+            # A small shard is rewritten without the unused room (its data is little to move), so a
+            # small model's files are as big as save_file makes them.
+            self.file.seek(8 + _HEADER_ROOM)
+            data = self.file.read()
+            header += b" " * (-len(header) % 8)
+            self.file.seek(0)
+            self.file.write(len(header).to_bytes(8, "little") + header + data)
+            self.file.truncate()
+        else:
+            self.file.seek(0)
+            self.file.write(_HEADER_ROOM.to_bytes(8, "little") + header.ljust(_HEADER_ROOM))
         self.file.close()
         self.written.append((Path(self.file.name).name, list(self.header)))
         self.header, self.header_bytes, self.file, self.size = {}, _HEADER_START, None, 0
