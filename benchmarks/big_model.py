@@ -4,6 +4,7 @@ Two parts, each run by hand from the repository root:
 
     python -m benchmarks.big_model compare    # default model (models/base): in memory vs out of core
     python -m benchmarks.big_model big        # a random-weight checkpoint of Llama-3.1-8B's shape (bf16, ~16 GB)
+    python -m benchmarks.big_model big --shape llama-3.2-1b    # the same on Llama-3.2-1B's shape (2.3 GB): minutes
 
 Every pruning runs in its own process under `/usr/bin/time -v`, whose "Maximum resident set
 size" is the peak RSS reported (file-backed pages included). `compare` runs the in-memory path
@@ -11,7 +12,8 @@ size" is the peak RSS reported (file-backed pages included). `compare` runs the 
 (`optipfair.streaming.prune_checkpoint`) alternately, MAW and AUTO, so a busy machine
 slows both alike; it also checks that both wrote the same weights. `big` builds the checkpoint
 under benchmarks/scratch/ (git-ignored) once, prunes it out of core, and reloads the result with
-stock `from_pretrained`. Results: benchmarks/results/big_model_<part>.md and .json.
+stock `from_pretrained`. Results: benchmarks/results/big_model_<part>.md and .json (another shape
+than the 8B's: big_model_big-<shape>.*).
 """
 
 from __future__ import annotations
@@ -38,6 +40,14 @@ LLAMA_31_8B = dict(
     rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 8192, "rope_type": "llama3"},
 )
+# Llama-3.2-1B's architecture (tied embeddings): the same code paths, a checkpoint built in a minute.
+LLAMA_32_1B = dict(
+    LLAMA_31_8B, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+    tie_word_embeddings=True, rope_theta=500000.0,
+    rope_scaling={"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+)
+SHAPES = {"llama-3.1-8b": ("Llama-3.1-8B", LLAMA_31_8B), "llama-3.2-1b": ("Llama-3.2-1B", LLAMA_32_1B)}
 
 
 def worker(job: dict) -> None:
@@ -198,8 +208,9 @@ def build_checkpoint(folder: Path, shape: dict) -> int:
         save_file(shard, str(staging / name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, name))
         print(f"built {name}", flush=True)
-    outer = {"model.embed_tokens.weight": random(shape["vocab_size"], h), "model.norm.weight": torch.ones(h, dtype=torch.bfloat16),
-             "lm_head.weight": random(shape["vocab_size"], h)}
+    outer = {"model.embed_tokens.weight": random(shape["vocab_size"], h), "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}
+    if not shape["tie_word_embeddings"]:
+        outer["lm_head.weight"] = random(shape["vocab_size"], h)
     name = f"model-{files:05d}-of-{files:05d}.safetensors"
     save_file(outer, str(staging / name), metadata={"format": "pt"})
     weight_map.update(dict.fromkeys(outer, name))
@@ -227,17 +238,18 @@ def _reload(folder: Path) -> dict:
 def big(args) -> dict:
     from transformers import AutoTokenizer
 
-    folder = SCRATCH / "llama-3.1-8b-shape"
+    label, shape = SHAPES[args.shape]
+    folder = SCRATCH / f"{args.shape}-shape"
     started = time.perf_counter()
-    checkpoint_bytes = build_checkpoint(folder, LLAMA_31_8B)
+    checkpoint_bytes = build_checkpoint(folder, shape)
     print(f"checkpoint: {checkpoint_bytes / 2**30:.1f} GiB ({time.perf_counter() - started:.0f} s)", flush=True)
     # Token ids of real text (the default model's tokenizer; any ids below the vocabulary size would do).
     tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
-    calibration = _calibration_file(tokenizer, args.calibration_tokens, args.seq_len, LLAMA_31_8B["vocab_size"])
-    windows = _calibration_file(tokenizer, args.eval_tokens, args.seq_len, LLAMA_31_8B["vocab_size"], held_out=True)
+    calibration = _calibration_file(tokenizer, args.calibration_tokens, args.seq_len, shape["vocab_size"])
+    windows = _calibration_file(tokenizer, args.eval_tokens, args.seq_len, shape["vocab_size"], held_out=True)
     rows = []
     for method in args.methods:
-        output = SCRATCH / f"llama-3.1-8b-shape-{method.lower()}-{args.percentage:g}"
+        output = SCRATCH / f"{args.shape}-shape-{method.lower()}-{args.percentage:g}"
         job = dict(mode="stream", method=method, percentage=args.percentage, model=str(folder), output=str(output),
                    calibration=str(calibration))
         started = time.perf_counter()
@@ -259,7 +271,7 @@ def big(args) -> dict:
             rows[-1].update(_reload(output))
             print(rows[-1], flush=True)
         shutil.rmtree(output)
-    return {"part": "big", "shape": "Llama-3.1-8B (random weights, bf16)", "checkpoint_bytes": checkpoint_bytes,
+    return {"part": "big", "shape": f"{label} (random weights, bf16)", "shape_key": args.shape, "checkpoint_bytes": checkpoint_bytes,
             "percentage": args.percentage, "calibration_tokens": args.calibration_tokens, "seq_len": args.seq_len,
             "eval_tokens": args.eval_tokens, "threads": torch.get_num_threads(), "rows": rows, "command": command("benchmarks.big_model")}
 
@@ -324,6 +336,8 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b",
+                        help="big: the architecture whose shape the random checkpoint has")
     parser.add_argument("--no-reload", dest="reload", action="store_false",
                         help="big: skip loading the pruned model whole with from_pretrained (needs its size in RAM)")
     args = parser.parse_args()
@@ -333,8 +347,10 @@ def main() -> None:
         parser.error("choose a part: compare or big")
     result = compare(args) if args.part == "compare" else big(args)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"big_model_{args.part}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"big_model_{args.part}.md").write_text(markdown(result))
+    # big_model_big.* is the 8B shape's; another shape's results are named after it.
+    name = args.part if args.part == "compare" or args.shape == "llama-3.1-8b" else f"{args.part}-{args.shape}"
+    (RESULTS / f"big_model_{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"big_model_{name}.md").write_text(markdown(result))
     print(markdown(result))
 
 

@@ -1,20 +1,24 @@
 """Out of core: a safetensors checkpoint pruned, or evaluated, one decoder layer at a time.
 
-The model is built with its weights on the meta device (no memory); the embeddings, final norm
-and head are read in, then each decoder layer in turn is read, pruned by the same code as
-in-memory pruning (`prune_mlp_by_weights`, `calibration.LayerPruner`), written to the output
-shards and dropped. Host memory holds the non-layer weights, one layer, the calibration
-activations and at most one output shard waiting to be written, whatever the model's size.
-Calibrated methods see each layer's inputs computed by the already-pruned layers before it, as
-in memory, so both paths give the same weights.
+The model is built with its weights on the meta device (no memory); each decoder layer in turn
+is read, pruned by the same code as in-memory pruning (`prune_mlp_by_weights`,
+`calibration.LayerPruner`), written to the output shards and dropped. Host memory holds one
+layer in float32, the calibration activations, and the embedding rows of the calibration tokens
+(never the whole embedding matrix), whatever the model's size: tensors are read with plain file
+reads, not a memory map, tensors copied unchanged go from file to file in blocks, and each
+tensor is on disk as soon as it is added to an output shard. Calibrated methods see each
+layer's inputs computed by the already-pruned layers before it, as in memory, so both paths
+give the same weights.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
 import shutil
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Dict, Iterable, Optional
 
@@ -31,9 +35,21 @@ from optipfair.pruning.mlp_glu import prune_mlp_by_weights, target_width
 from optipfair.pruning.options import PruningOptions
 from optipfair.pruning.utils import statistics_from_counts
 
-# One output shard is held in memory until written: 1 GiB keeps that small next to any model
-# that needs streaming, and an 8B model in bf16 still fits in 17 files.
+# Largest output shard (they go to disk tensor by tensor, so this costs no memory): an 8B model
+# in bf16 fits in 17 files.
 MAX_SHARD_BYTES = 2**30
+# Evaluation runs each layer on this many tokens at once: big enough for efficient matrix products,
+# small enough that a layer's intermediate activations stay well under the layer's own weights.
+EVAL_BATCH_TOKENS = 1024
+# Logits computed at once by the head during evaluation (float32): 64 MiB, an eighth of the
+# logits of one 512-token window of a 128k vocabulary.
+HEAD_CHUNK_LOGITS = 2**24
+# Bytes per block when a tensor is copied from file to file, or a head weight cast to float32.
+_BLOCK_BYTES = 2**26
+# Room for each output shard's header (a few thousand tensors' names, shapes and offsets), and
+# what the header's metadata takes of it.
+_HEADER_ROOM = 2**18
+_HEADER_START = 64
 # Files copied unchanged beside the weights (config.json is rewritten with the new width).
 _COMPANION_FILES = ("generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
                     "vocab.*", "merges.txt", "*.model", "chat_template*")
@@ -80,14 +96,14 @@ def prune_checkpoint(
     if options.needs_calibration:
         what = "DEPTH pruning" if method is None else f"method {options.method}"
         calibration_data = calibration.check_calibration_data(calibration_data, what)
-        # Calibration runs the model up to the first layer: only the input embeddings are needed
-        # (the head and final norm, as big again on untied models, are copied without being read in).
-        embeddings = _prefix_of(model, model.get_input_embeddings())
-        _load(model, checkpoint, [n for n in checkpoint.names if n.startswith(embeddings)], prefix="")
     before = _parameter_count(model)
     outer = [name for name in checkpoint.names if not name.startswith(layers_prefix)]
 
-    with staged_directory(target, needed_bytes=checkpoint.size_bytes) as staging:
+    with staged_directory(target, needed_bytes=checkpoint.size_bytes) as staging, ExitStack() as calibrating:
+        if options.needs_calibration:
+            # Calibration runs the model up to the first layer: only the embedding rows of the
+            # calibration tokens are needed (the head and final norm are copied without being read in).
+            calibration_data = calibrating.enter_context(_embedding_rows(model, checkpoint, calibration_data))
         shards = _ShardWriter(staging, max_shard_bytes)
         if method is None:
             # Two passes: measure every layer (each read once), then copy the kept ones, renumbered.
@@ -99,7 +115,7 @@ def prune_checkpoint(
                 old, new = f"{layers_prefix}{old_index}.", f"{layers_prefix}{new_index}."
                 for name in checkpoint.names:
                     if name.startswith(old):
-                        shards.add(new + name[len(old):], checkpoint.read(name))
+                        shards.copy(new + name[len(old):], checkpoint, name)
             depth.drop_layers(model, adapter, drop)  # the skeleton's config follows: layer count, layer_types
         else:
             pruner = None
@@ -117,7 +133,7 @@ def prune_checkpoint(
                     shards.add(prefix + name, tensor.to(checkpoint.dtypes[_original_name(prefix + name, checkpoint)]))
             adapter.config.intermediate_size = width
         for name in outer:
-            shards.add(name, checkpoint.read(name))
+            shards.copy(name, checkpoint, name)
         shards.finish()
         model.config.save_pretrained(staging)
         _copy_companions(source, staging)
@@ -135,6 +151,20 @@ def _streamed_layers(checkpoint, adapter, layers_prefix: str, description: str, 
         _load(layer, checkpoint, [name for name in checkpoint.names if name.startswith(prefix)], prefix)
         yield index, layer
         layer.to("meta")
+        _release_freed_memory()
+
+
+def _release_freed_memory() -> None:
+    """Hand the freed heap back to the system (glibc's malloc_trim; elsewhere nothing to do).
+
+    glibc keeps freed blocks under its adaptive mmap threshold (up to 32 MiB: most of a small
+    model's weight matrices) in its heap, and one layer after another leaves it fragmented: on a
+    1B-shaped model, peak RSS was 0.6 GiB higher without this.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 @torch.no_grad()
@@ -142,9 +172,10 @@ def perplexity_checkpoint(model_path: str | Path, windows: torch.Tensor, show_pr
     """
     Perplexity of the checkpoint at `model_path` on token `windows` [n, seq_len], one layer at a time.
 
-    The same figure as `optipfair.evaluation.perplexity.perplexity` on the loaded model (up to
-    float rounding), but each weight is read once for all windows, and host memory holds one
-    layer plus every window's hidden states (tokens x hidden floats), whatever the model's size.
+    The same figure as `optipfair.evaluation.perplexity.perplexity` on the model loaded in float32
+    (up to float rounding), but each weight is read once for all windows. Host memory holds one
+    layer in float32, every window's hidden states (tokens x hidden floats), the embedding rows of
+    the windows' tokens, and at the end the head in its stored dtype, whatever the model's size.
     """
     source = Path(model_path)
     verify_checkpoint(source)
@@ -153,24 +184,62 @@ def perplexity_checkpoint(model_path: str | Path, windows: torch.Tensor, show_pr
     model = _skeleton(source)
     adapter = get_adapter(model)
     layers_prefix = _prefix_of(model, adapter.layers)
-    outer = [name for name in checkpoint.names if not name.startswith(layers_prefix)]
-    _load(model, checkpoint, outer, prefix="")
-    model.tie_weights()
-    hidden, layer_kwargs = calibration.capture_layer_inputs(model, adapter, windows)
+    big = {_weight_name(model, model.get_input_embeddings()), _weight_name(model, model.get_output_embeddings())}
+    small = [name for name in checkpoint.names if not name.startswith(layers_prefix) and name not in big]
+    _load(model, checkpoint, small, prefix="")  # final norm, head bias, ...: a few vectors
+    with _embedding_rows(model, checkpoint, windows) as renumbered:
+        batch_rows = max(1, EVAL_BATCH_TOKENS // windows.shape[1])
+        hidden, layer_kwargs = calibration.capture_layer_inputs(model, adapter, renumbered, batch_size=batch_rows)
     for index, layer in _streamed_layers(checkpoint, adapter, layers_prefix, "Perplexity layer by layer",
                                          show_progress):
         hidden = calibration.run_layer(layer, hidden, layer_kwargs[index])
-    return math.exp(_head_nll(model, adapter, windows, torch.cat(hidden)) / windows[:, 1:].numel())
+    return math.exp(_head_nll(model, checkpoint, adapter, windows, torch.cat(hidden)) / windows[:, 1:].numel())
 
 
-def _head_nll(model: nn.Module, adapter, windows: torch.Tensor, final_hidden: torch.Tensor) -> float:
+@contextmanager
+def _embedding_rows(model: nn.Module, checkpoint: "_Checkpoint", token_ids: torch.Tensor):
+    """Within the block, the model's input embeddings hold only the rows of `token_ids`, in float32;
+    yields the ids renumbered into them. The full-size (meta) embeddings come back after.
+
+    A 128k-token vocabulary is 1-2 GiB of embeddings, of which a few thousand tokens use a few
+    MiB. The rows are exact (float32 holds any stored dtype), and the embedding module's own
+    forward (scaling, e.g. Gemma's) runs on them; nothing else in a decoder's forward reads the
+    token ids (masks and positions come from the shapes).
+    """
+    embeddings = model.get_input_embeddings()
+    used, renumbered = torch.unique(token_ids, return_inverse=True)
+    name = _weight_name(model, embeddings)
+    vocabulary = checkpoint.shapes[name][0]
+    if used.max().item() >= vocabulary:
+        raise OptiPFairError(f"token id {used.max().item()} is outside the model's vocabulary of {vocabulary}")
+    full = embeddings.weight
+    embeddings.weight = nn.Parameter(checkpoint.read_rows(name, used).float(), requires_grad=False)
+    try:
+        yield renumbered
+    finally:
+        embeddings.weight = full
+
+
+def _head_nll(model: nn.Module, checkpoint: "_Checkpoint", adapter, windows: torch.Tensor,
+              final_hidden: torch.Tensor) -> float:
     """Summed next-token NLL from the last layer's outputs, through the model's own head.
 
     The model's forward runs with stand-in layers: the first returns the precomputed outputs of the
     last layer, the others pass them on, so the final norm, the head and any logit scaling or
-    soft-capping are the architecture's own code. One window at a time keeps the logits small.
+    soft-capping are the architecture's own code. Every position is independent from here on, so
+    the positions go through in chunks that keep the logits small, and the head weight stays in
+    its stored dtype, cast to float32 a block of rows at a time (`_Float32Head`).
     """
     import torch.nn.functional as F
+
+    head_owner, head_attribute = _parent_of(model, model.get_output_embeddings())
+    original_head = getattr(head_owner, head_attribute)
+    head_name = _weight_name(model, original_head)
+    if head_name not in checkpoint.shapes:  # tied: the head is the input embedding matrix
+        head_name = _weight_name(model, model.get_input_embeddings())
+    head_weight = checkpoint.read(head_name)
+    bias = original_head.bias if getattr(original_head, "bias", None) is not None else None
+    setattr(head_owner, head_attribute, _Float32Head(head_weight, bias))
 
     layers = adapter.layers
     originals = list(layers)
@@ -184,30 +253,48 @@ def _head_nll(model: nn.Module, adapter, windows: torch.Tensor, final_hidden: to
 
     for index in range(len(originals)):
         layers[index] = stand_in(index)
+    states = final_hidden[:, :-1].reshape(-1, final_hidden.shape[-1])
+    targets = windows[:, 1:].reshape(-1)
+    chunk = max(1, HEAD_CHUNK_LOGITS // head_weight.shape[0])
     total = 0.0
     try:
-        for row, states in zip(windows, final_hidden):
-            current["hidden"] = states[None]
-            logits = model(input_ids=row[None], use_cache=False).logits[0, :-1].float()
-            total += F.cross_entropy(logits, row[1:], reduction="sum").item()
+        for start in range(0, len(states), chunk):
+            current["hidden"] = states[None, start:start + chunk]
+            # The first layer's input is ignored (the stand-in answers): embeddings of the right shape do.
+            logits = model(inputs_embeds=current["hidden"], use_cache=False).logits[0].float()
+            total += F.cross_entropy(logits, targets[start:start + chunk], reduction="sum").item()
     finally:
         for index, layer in enumerate(originals):
             layers[index] = layer
+        setattr(head_owner, head_attribute, original_head)
     return total
+
+
+class _Float32Head(nn.Module):
+    """A linear head whose weight stays in its stored dtype; its output is computed in float32, a block of rows at a time."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+        super().__init__()
+        self.weight, self.bias = weight, bias
+        self.rows = max(1, _BLOCK_BYTES // (4 * weight.shape[1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        x = x.float()
+        out = x.new_empty(*x.shape[:-1], self.weight.shape[0])
+        for start in range(0, self.weight.shape[0], self.rows):
+            stop = start + self.rows
+            bias = None if self.bias is None else self.bias[start:stop].float()
+            out[..., start:stop] = F.linear(x, self.weight[start:stop].float(), bias)
+        return out
 
 
 def in_memory_bytes(model_path: str | Path, dtype: torch.dtype = torch.float32) -> int:
     """Bytes the checkpoint's weights take loaded in `dtype` (from the safetensors headers alone)."""
-    from safetensors import safe_open
-
     verify_checkpoint(model_path)  # a truncated or incomplete checkpoint is one line naming the file
-    checkpoint = _Checkpoint(Path(model_path))
-    total = 0
-    for file in sorted(set(checkpoint.files.values())):
-        with safe_open(checkpoint.folder / file, framework="pt") as handle:
-            for name in handle.keys():
-                total += math.prod(handle.get_slice(name).get_shape())
-    return total * torch.tensor([], dtype=dtype).element_size()
+    shapes = _Checkpoint(Path(model_path)).shapes.values()
+    return sum(math.prod(shape) for shape in shapes) * torch.tensor([], dtype=dtype).element_size()
 
 
 def fits_in_memory(model_path: str | Path, dtype: torch.dtype, budget_gib: Optional[float] = None) -> bool:
@@ -232,38 +319,79 @@ def available_memory_bytes() -> int:
 
 
 class _Checkpoint:
-    """The tensors of a safetensors checkpoint: names, dtypes, and reading one at a time."""
+    """The tensors of a safetensors checkpoint: names, dtypes, shapes, and reading one at a time.
+
+    Read with plain file reads into fresh memory, not through a memory map: the pages of a map
+    count in the process's RSS until it is closed (as `/usr/bin/time -v` reports it), file reads
+    leave them in the page cache, which the system reclaims as it needs.
+    """
 
     def __init__(self, folder: Path):
-        from safetensors import safe_open
-
         index = folder / SHARD_INDEX
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         else:
-            weight_map = {}
-            for file in sorted(folder.glob("*.safetensors")):
-                with safe_open(file, framework="pt") as handle:
-                    weight_map.update(dict.fromkeys(handle.keys(), file.name))
-        self.folder, self.files = folder, weight_map
-        self.names = list(weight_map)
+            files = sorted(file.name for file in folder.glob("*.safetensors"))
+        self.folder = folder
+        self.files: Dict[str, str] = {}
         self.dtypes: Dict[str, torch.dtype] = {}
-        for file in sorted(set(weight_map.values())):
-            with safe_open(folder / file, framework="pt") as handle:
-                for name in handle.keys():
-                    self.dtypes[name] = handle.get_slice(name).get_dtype()
-        self.dtypes = {name: _DTYPES[dtype] for name, dtype in self.dtypes.items()}
-        self.size_bytes = sum((folder / file).stat().st_size for file in set(weight_map.values()))
+        self.shapes: Dict[str, tuple] = {}
+        self.spans: Dict[str, tuple] = {}  # name -> (first byte in its file, bytes)
+        for file in files:
+            with open(folder / file, "rb") as handle:  # verify_checkpoint has checked the header
+                length = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(length))
+            header.pop("__metadata__", None)
+            for name, info in header.items():
+                begin, end = info["data_offsets"]
+                self.files[name], self.dtypes[name] = file, _DTYPES[info["dtype"]]
+                self.shapes[name], self.spans[name] = tuple(info["shape"]), (8 + length + begin, end - begin)
+        self.names = list(self.files)
+        self.size_bytes = sum((folder / file).stat().st_size for file in files)
 
     def read(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
+        start, size = self.spans[name]
+        data = torch.empty(size, dtype=torch.uint8)
+        with open(self.folder / self.files[name], "rb", buffering=0) as handle:
+            _read_into(handle, start, data)
+        return data.view(self.dtypes[name]).reshape(self.shapes[name])
 
-        with safe_open(self.folder / self.files[name], framework="pt") as handle:
-            return handle.get_tensor(name)
+    def read_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """Rows `rows` (sorted indices along the first dimension) of tensor `name`, reading only those."""
+        start, size = self.spans[name]
+        row_bytes = size // self.shapes[name][0]
+        data = torch.empty(len(rows), row_bytes, dtype=torch.uint8)
+        with open(self.folder / self.files[name], "rb", buffering=0) as handle:
+            for out, row in zip(data, rows.tolist()):
+                _read_into(handle, start + row * row_bytes, out)
+        return data.view(self.dtypes[name]).reshape(len(rows), *self.shapes[name][1:])
+
+    def copy_to(self, name: str, out) -> None:
+        """Append tensor `name`'s bytes to the open file `out`, a block at a time."""
+        start, size = self.spans[name]
+        block = torch.empty(min(size, _BLOCK_BYTES), dtype=torch.uint8)
+        with open(self.folder / self.files[name], "rb", buffering=0) as handle:
+            for offset in range(0, size, len(block)):
+                part = block[:min(len(block), size - offset)]
+                _read_into(handle, start + offset, part)
+                out.write(part.numpy())
+
+
+def _read_into(handle, start: int, out: torch.Tensor) -> None:
+    """Fill the contiguous uint8 tensor `out` with the file's bytes from `start`."""
+    view, done = memoryview(out.numpy()).cast("B"), 0
+    handle.seek(start)
+    while done < len(view):
+        got = handle.readinto(view[done:])
+        if not got:
+            raise OptiPFairError(f"{handle.name} ended while reading a tensor: copy or download it again")
+        done += got
 
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-           "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
 def _skeleton(folder: Path) -> nn.Module:
@@ -276,6 +404,7 @@ def _skeleton(folder: Path) -> nn.Module:
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.config.dtype = stored_dtype  # the saved config names the dtype the weights are written in
+    model.tie_weights()  # as from_pretrained does: a tied head is the embeddings' parameter, counted once
     return model.eval()
 
 
@@ -299,6 +428,18 @@ def _original_name(name: str, checkpoint: _Checkpoint) -> str:
     return name
 
 
+def _weight_name(model: nn.Module, module: nn.Module) -> str:
+    """The state-dict name of `module`'s weight, e.g. 'model.embed_tokens.weight'."""
+    return next(name for name, m in model.named_modules() if m is module) + ".weight"
+
+
+def _parent_of(model: nn.Module, module: nn.Module):
+    """(parent module, attribute name) under which `module` sits in `model`."""
+    name = next(name for name, m in model.named_modules() if m is module)
+    parent, _, attribute = name.rpartition(".")
+    return model.get_submodule(parent), attribute
+
+
 def _prefix_of(model: nn.Module, layers: nn.ModuleList) -> str:
     """The state-dict prefix of the decoder layers, e.g. 'model.layers.'."""
     return next(name for name, module in model.named_modules() if module is layers) + "."
@@ -310,32 +451,70 @@ def _parameter_count(model: nn.Module) -> int:
 
 
 class _ShardWriter:
-    """Writes tensors to numbered safetensors shards of at most `max_bytes`, then names them as transformers does."""
+    """Writes tensors to numbered safetensors shards of at most `max_bytes`, then names them as transformers does.
+
+    A tensor's bytes go to disk when it is added, so no shard waits in memory. They go after room
+    kept for the header (which comes first in the file, and is known only when the shard is
+    full); the header is written there at the end, padded with spaces as the format allows, and
+    a shard also ends when its header would outgrow the room.
+    """
 
     def __init__(self, folder: Path, max_bytes: int):
         self.folder, self.max_bytes = folder, max_bytes
-        self.pending: Dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
+        self.header: Dict[str, dict] = {}  # the open shard's tensors
+        self.header_bytes = _HEADER_START
+        self.file = None  # the open shard
+        self.size = 0
         self.written: list = []  # (temporary file name, tensor names)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_bytes:
-            self._flush()
-        self.pending[name] = tensor.detach().contiguous()
-        self.pending_bytes += size
+        tensor = tensor.detach().contiguous()
+        self._begin(name, tensor.dtype, tuple(tensor.shape), tensor.numel() * tensor.element_size())
+        self.file.write(tensor.reshape(-1).view(torch.uint8).numpy())
 
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
+    def copy(self, name: str, checkpoint: _Checkpoint, source_name: str) -> None:
+        """Add tensor `source_name` of `checkpoint` unchanged, copied file to file without being read whole."""
+        self._begin(name, checkpoint.dtypes[source_name], checkpoint.shapes[source_name],
+                    checkpoint.spans[source_name][1])
+        checkpoint.copy_to(source_name, self.file)
 
-        file = f"part-{len(self.written):05d}.safetensors"
-        save_file(self.pending, str(self.folder / file), metadata={"format": "pt"})
-        self.written.append((file, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
+    def _begin(self, name: str, dtype: torch.dtype, shape: tuple, size: int) -> None:
+        entry = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [self.size, self.size + size]}
+        entry_bytes = len(json.dumps({name: entry}, separators=(",", ":")))  # its share of the header, and a bit more
+        if self.header and (self.size + size > self.max_bytes or self.header_bytes + entry_bytes > _HEADER_ROOM):
+            self._close()
+            entry["data_offsets"] = [0, size]
+        if self.file is None:
+            self.file = open(self.folder / f"part-{len(self.written):05d}.safetensors", "w+b")
+            self.file.seek(8 + _HEADER_ROOM)
+        self.header[name] = entry
+        self.header_bytes += entry_bytes
+        self.size += size
+
+    def _close(self) -> None:
+        if self.file is None:  # a model with no tensors at all: one empty shard
+            self.file = open(self.folder / f"part-{len(self.written):05d}.safetensors", "w+b")
+            self.file.seek(8 + _HEADER_ROOM)
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.header}, separators=(",", ":")).encode()
+        if self.size <= 64 * _HEADER_ROOM:
+            # A small shard is rewritten without the unused room (its data is little to move), so a
+            # small model's files are as big as save_file makes them.
+            self.file.seek(8 + _HEADER_ROOM)
+            data = self.file.read()
+            header += b" " * (-len(header) % 8)
+            self.file.seek(0)
+            self.file.write(len(header).to_bytes(8, "little") + header + data)
+            self.file.truncate()
+        else:
+            self.file.seek(0)
+            self.file.write(_HEADER_ROOM.to_bytes(8, "little") + header.ljust(_HEADER_ROOM))
+        self.file.close()
+        self.written.append((Path(self.file.name).name, list(self.header)))
+        self.header, self.header_bytes, self.file, self.size = {}, _HEADER_START, None, 0
 
     def finish(self) -> None:
-        if self.pending or not self.written:
-            self._flush()
+        if self.header or not self.written:
+            self._close()
         if len(self.written) == 1:
             (self.folder / self.written[0][0]).rename(self.folder / "model.safetensors")
             return

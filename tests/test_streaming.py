@@ -57,6 +57,21 @@ def test_streamed_pruning_gives_the_in_memory_weights(arch, extra, options, tiny
     assert (tmp_path / "out/tokenizer.json").is_file()
 
 
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("method", ["MAW", "AUTO"])
+def test_streamed_statistics_are_the_in_memory_ones(method, tied, tiny_tokenizer, tmp_path):
+    source = tmp_path / "source"
+    make_tiny_model("llama", tie_word_embeddings=tied).save_pretrained(source)
+    options = PruningOptions(method=method, pruning_percentage=25)
+    calibration = _calibration(tiny_tokenizer) if options.needs_calibration else None
+
+    stats = prune_checkpoint(source, tmp_path / "out", options, calibration_data=calibration, show_progress=False)
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    _, expected = prune(model, options, calibration_data=calibration, show_progress=False, return_stats=True)
+    assert {k: stats[k] for k in expected} == expected
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "phi3"])
 def test_streamed_depth_pruning_removes_the_layers_in_memory_pruning_removes(arch, tiny_tokenizer, tmp_path):
     source = tmp_path / "source"
@@ -127,3 +142,47 @@ def test_layer_by_layer_perplexity_matches_the_loaded_model(arch, tiny_tokenizer
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
     expected = perplexity(loaded, windows)
     assert perplexity_checkpoint(tmp_path / "m", windows, show_progress=False) == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("arch, tied", [("llama", False), ("gemma2", True)], ids=["llama-untied", "gemma2-tied"])
+def test_layer_by_layer_perplexity_of_a_bfloat16_checkpoint_is_the_float32_figure(arch, tied, tiny_tokenizer,
+                                                                                  tmp_path, monkeypatch):
+    """The embeddings and head stay in bf16 (rows and blocks cast as used), the arithmetic is float32's."""
+    from optipfair import streaming
+    from optipfair.evaluation.perplexity import perplexity
+
+    make_tiny_model(arch, tie_word_embeddings=tied).to(torch.bfloat16).save_pretrained(tmp_path / "m")
+    windows = _calibration(tiny_tokenizer, rows=3, seq_len=32)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    expected = perplexity(loaded, windows)
+    # Positions through the head a few at a time, its weight cast a few rows at a time: chunk edges everywhere.
+    vocabulary = loaded.config.vocab_size
+    monkeypatch.setattr(streaming, "HEAD_CHUNK_LOGITS", 7 * vocabulary)
+    monkeypatch.setattr(streaming, "_BLOCK_BYTES", 4 * loaded.config.hidden_size * (vocabulary // 3))
+    assert streaming.perplexity_checkpoint(tmp_path / "m", windows, show_progress=False) == pytest.approx(expected, rel=1e-4)
+
+
+def test_layer_by_layer_perplexity_refuses_tokens_outside_the_vocabulary(tmp_path):
+    from optipfair.streaming import perplexity_checkpoint
+
+    make_tiny_model("llama").save_pretrained(tmp_path / "m")
+    vocabulary = json.loads((tmp_path / "m/config.json").read_text())["vocab_size"]
+    with pytest.raises(OptiPFairError, match=f"token id {vocabulary} is outside the model's vocabulary of {vocabulary}"):
+        perplexity_checkpoint(tmp_path / "m", torch.full((1, 8), vocabulary), show_progress=False)
+
+
+def test_shards_also_end_when_their_header_is_full(tiny_tokenizer, tmp_path, monkeypatch):
+    from optipfair import streaming
+
+    source = tmp_path / "source"
+    make_tiny_model("llama").save_pretrained(source)
+    monkeypatch.setattr(streaming, "_HEADER_ROOM", 1024)  # room for a few tensors' entries only
+    options = PruningOptions(method="MAW", pruning_percentage=50)
+
+    prune_checkpoint(source, tmp_path / "out", options, show_progress=False)
+
+    index = json.loads((tmp_path / "out/model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # the model is far below max_shard_bytes: the headers ended them
+    expected = _in_memory(source, options)
+    streamed = _weights(tmp_path / "out")
+    assert streamed.keys() == expected.keys() and all(torch.equal(streamed[k], t) for k, t in expected.items())
