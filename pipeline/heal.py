@@ -4,9 +4,9 @@ The student is models/<variant>, the teacher models/base; both are read in float
 were saved in, and trained on `compute.device` (the library uses bf16 autocast on a GPU). The healed
 model is saved in `compute.dtype`, as the pruned variants are (bf16 files on a GPU). The training text is the
 calibration part of `data:` (never the evaluation part, so the healed model's perplexity is measured
-on text it did not train on). The healed model goes to models/<variant>+healed; its loss curve and
-what the training cost go to reports/heal/<variant>.json, a DVC plot that the track stage also logs
-to MLflow as step metrics.
+on text it did not train on). The healed model goes to models/<variant>+healed; its loss curve,
+steps and tokens go to reports/heal/<variant>.json, a DVC plot that the track stage also logs to
+MLflow as step metrics.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pipeline.texts import load_texts
 
 
 def run(params: Params, name: str) -> dict:
-    """Heal variant `name` into models/<name>+healed; write and return its healing record."""
+    """Heal variant `name` into models/<name>+healed; write its healing record, return it with the wall time."""
     options = params.heal_options(name)  # an unknown variant or a missing heal block fails before any loading
     device = resolve_device(params.compute["device"])
     student, tokenizer = load_model(str(layout.model_dir(name)), device, "float32")
@@ -35,11 +35,12 @@ def run(params: Params, name: str) -> dict:
         result = heal(student, teacher, windows, options, show_progress=True)
     except OptionError as error:  # a choice this machine cannot run (train: lora without peft)
         raise ParamsError(f"{params.path}: heal.{name}.{error.field}: {error.problem}") from None
+    # No wall time in the record (the stage prints it): a DVC output must come out the same on every
+    # run, or a fresh clone's `dvc repro` changes dvc.lock although the healed model is byte-identical.
     record = {
         "variant": name,
         "steps": result.steps,
         "tokens": result.tokens,
-        "seconds": round(result.seconds, 2),
         "options": asdict(options),
         # A list of {step, loss} rows: the shape `dvc plots` and MLflow step metrics both read.
         "loss": [{"step": step, "loss": loss} for step, loss in enumerate(result.losses)],
@@ -48,4 +49,4 @@ def run(params: Params, name: str) -> dict:
     student.to(resolve_dtype(params.compute["dtype"], device))
     save_model(student, tokenizer, str(layout.model_dir(healed_name(name))))
     layout.write_json_atomic(layout.heal_file(name), record)
-    return record
+    return {**record, "seconds": round(result.seconds, 2)}

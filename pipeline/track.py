@@ -182,7 +182,7 @@ def _sync(params: Params, all_metrics: Dict[str, dict], uri: str) -> Dict[str, d
                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
         digest = dvc_hash(model)
         if heal_record:
-            values.update({f"heal_{k}": float(heal_record[k]) for k in ("steps", "tokens", "seconds")})
+            values.update({f"heal_{k}": float(heal_record[k]) for k in ("steps", "tokens")})
         if found:
             run_id = found[0].info.run_id
             logged_model = _logged_model(client, experiment_id, key, digest)

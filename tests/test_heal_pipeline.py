@@ -98,6 +98,16 @@ def test_the_loss_curve_is_a_dvc_plot_with_one_point_per_step(built):
     assert shown.returncode == 0 and "reports/heal/vow-50.json" in shown.stdout, shown.stderr
 
 
+def test_healing_again_gives_the_same_model_and_record_so_a_fresh_clone_keeps_dvc_lock(built, project):
+    ran, done = repro(project, "--force", "--single-item", "heal@vow-50")
+    assert done.returncode == 0 and ran == {"heal@vow-50"}, done.stdout + done.stderr
+    for path in ("reports/heal/vow-50.json", "models/vow-50+healed/model.safetensors"):
+        assert (project / path).read_bytes() == (built[0] / path).read_bytes(), path
+    status = subprocess.run([str(BIN / "dvc"), "status", "--json"], cwd=project, capture_output=True, text=True,
+                            env=dvc_env())
+    assert json.loads(status.stdout) == {"track": ["always changed"]}, status.stdout
+
+
 def test_report_shows_the_healed_model_beside_its_variant(built):
     project = built[0]
     summary = (project / "reports/summary.md").read_text()
