@@ -270,10 +270,26 @@ def big(args) -> dict:
         if args.reload:
             rows[-1].update(_reload(output))
             print(rows[-1], flush=True)
+        rows[-1]["command"] = command("benchmarks.big_model")
         shutil.rmtree(output)
     return {"part": "big", "shape": f"{label} (random weights, bf16)", "shape_key": args.shape, "checkpoint_bytes": checkpoint_bytes,
             "percentage": args.percentage, "calibration_tokens": args.calibration_tokens, "seq_len": args.seq_len,
             "eval_tokens": args.eval_tokens, "threads": torch.get_num_threads(), "rows": rows, "command": command("benchmarks.big_model")}
+
+
+def _with_earlier_methods(result: dict, path: Path) -> dict:
+    """`result` plus the rows of methods it did not run, from the earlier run of the same checkpoint and cut.
+
+    A method can then be rerun alone (AUTO on the 8B shape takes an hour) without losing the others.
+    """
+    if not path.is_file():
+        return result
+    earlier = json.loads(path.read_text())
+    if any(earlier.get(key) != result[key] for key in ("shape_key", "checkpoint_bytes", "percentage")):
+        return result
+    ran = {row["method"] for row in result["rows"]}
+    kept = [dict(row, command=row.get("command", earlier["command"])) for row in earlier["rows"] if row["method"] not in ran]
+    return dict(result, rows=kept + result["rows"])
 
 
 def markdown(result: dict) -> str:
@@ -322,6 +338,8 @@ def markdown(result: dict) -> str:
             if "intermediate_size" in row:
                 lines.append(f"| reload with stock from_pretrained (bf16) | | {row['reload_peak_rss_mib']} | "
                              f"| MLP width {row['intermediate_size']} |")
+        commands = dict.fromkeys(row.get("command", result["command"]) for row in result["rows"])
+        return "\n".join(lines + ["", *(f"Command: `{c}`" for c in commands), ""])
     return "\n".join(lines + ["", f"Command: `{result['command']}`", ""])
 
 
@@ -349,6 +367,8 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     # big_model_big.* is the 8B shape's; another shape's results are named after it.
     name = args.part if args.part == "compare" or args.shape == "llama-3.1-8b" else f"{args.part}-{args.shape}"
+    if args.part == "big":
+        result = _with_earlier_methods(result, RESULTS / f"big_model_{name}.json")
     (RESULTS / f"big_model_{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / f"big_model_{name}.md").write_text(markdown(result))
     print(markdown(result))

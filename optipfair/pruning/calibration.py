@@ -9,7 +9,6 @@ Which pairs stay is decided by a method of `selection` from the layer's statisti
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Callable, List, Tuple
 
 import torch
@@ -18,14 +17,20 @@ from tqdm.auto import tqdm
 
 from optipfair.errors import OptiPFairError
 from optipfair.pruning.options import DEFAULT_SHRINKAGE
+from optipfair.pruning.linalg import one_thread
 from optipfair.pruning.methods import get_method
 from optipfair.pruning.selection import DEFAULT_DAMPING, refit_down, shrink_correlations
 from optipfair.pruning.surgery import shrink_mlp
 
 # Columns per block of the Gram accumulation.
 _GRAM_BLOCK = 256
+# Tokens per float64 copy of the down_proj inputs during the Gram accumulation (14336 pairs: 117 MB).
+_GRAM_ROWS = 1024
 # Calibration rows per forward: CPU attention is several times slower per token on single rows.
 BATCH_SIZE = 16
+# ... but no more than keep each MLP activation of a forward (rows x seq_len x width floats) within
+# 64 MiB: at an 8B model's width (14336), 16 rows of 512 tokens would hold over 1 GiB of them.
+_BATCH_ACTIVATION_ELEMENTS = 2**24
 
 
 class _StopForward(Exception):
@@ -136,22 +141,30 @@ class _DownRecorder(nn.Module):
     def __init__(self, down: nn.Linear):
         super().__init__()
         self.out_features = down.out_features
-        self.gram = torch.zeros(down.in_features, down.in_features, dtype=torch.float32, device=down.weight.device)
+        # Float64 from the start: selection needs it, and a float32 copy beside it would be half as big again.
+        self.gram = torch.zeros(down.in_features, down.in_features, dtype=torch.float64, device=down.weight.device)
         self.inputs: List[torch.Tensor] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1]).float()
-        # Only the blocks on and above the diagonal: H is symmetric, and this is a third cheaper.
-        for start in range(0, flat.shape[1], _GRAM_BLOCK):
-            stop = start + _GRAM_BLOCK
-            self.gram[start:stop, start:].addmm_(flat[:, start:stop].T, flat[:, start:])
+        flat = x.reshape(-1, x.shape[-1])
+        for first in range(0, len(flat), _GRAM_ROWS):
+            rows = flat[first:first + _GRAM_ROWS].double()
+            # Only the blocks on and above the diagonal: H is symmetric, and this is a third cheaper.
+            for start in range(0, rows.shape[1], _GRAM_BLOCK):
+                stop = start + _GRAM_BLOCK
+                self.gram[start:stop, start:].addmm_(rows[:, start:stop].T, rows[:, start:])
         self.inputs.append(x)
         return x.new_zeros(()).expand(*x.shape[:-1], self.out_features)
 
     def full_gram(self) -> torch.Tensor:
-        """H = X^T X in float64, mirrored from the accumulated upper blocks."""
-        upper = self.gram.double().triu()
-        return upper + upper.T - torch.diag(upper.diagonal())
+        """H = X^T X, its upper blocks mirrored into the lower triangle in place (no second n x n matrix)."""
+        gram = self.gram
+        for start in range(0, len(gram), _GRAM_BLOCK):
+            stop = start + _GRAM_BLOCK
+            gram[stop:, start:stop] = gram[start:stop, stop:].T
+            block = gram[start:stop, start:stop]
+            block.copy_(block.triu() + block.triu(1).T)
+        return gram
 
 
 @torch.no_grad()
@@ -215,7 +228,9 @@ class LayerPruner:
             raise OptiPFairError(f"keep_width must be between 1 and {width}, got {keep_width}")
         self.adapter, self.keep_width, self.damping, self.shrinkage = adapter, keep_width, damping, shrinkage
         self.reconstruct = True if reconstruct is None else bool(reconstruct)
-        self.hidden, self.layer_kwargs = capture_layer_inputs(model, adapter, calibration_data)
+        rows = check_calibration_data(calibration_data)
+        batch_size = max(1, min(BATCH_SIZE, _BATCH_ACTIVATION_ELEMENTS // (rows.shape[1] * width)))
+        self.hidden, self.layer_kwargs = capture_layer_inputs(model, adapter, rows, batch_size)
 
     @torch.no_grad()
     def prune(self, index: int, layer: nn.Module) -> None:
@@ -230,10 +245,12 @@ class LayerPruner:
         finally:
             adapter.replace_down_proj(mlp, down)
         gram = shrink_correlations(recorder.full_gram(), self.shrinkage)
-        with _one_thread():  # the same bytes on 1, 2, 4, ... threads (see _one_thread)
-            keep, refitted = self.method.function(down.weight.data.float(), gram, self.keep_width, self.damping)
-            if self.reconstruct and refitted is None:
+        recorder.gram = None  # the method may overwrite it (OBS inverts it in place), and it is freed with it
+        keep, refitted = self.method.function(down.weight.data.float(), gram, self.keep_width, self.damping)
+        if self.reconstruct and refitted is None:
+            with one_thread():  # the same bytes on 1, 2, 4, ... threads (see one_thread)
                 refitted = refit_down(down.weight.data, gram, keep, self.damping)
+        del gram
         shrink_mlp(mlp, keep, refitted if self.reconstruct else None)
         scale = adapter.residual_scale(layer)
         if scale is None:  # the MLP output is transformed before the residual add: recompute
@@ -241,22 +258,6 @@ class LayerPruner:
         else:
             self.hidden = _patched_outputs(layer, adapter.down_proj(mlp), scale, self.hidden, outputs,
                                            recorder.inputs, keep, kwargs)
-
-
-@contextmanager
-def _one_thread():
-    """Run the block on one CPU thread, so that its result does not depend on the thread count.
-
-    MKL's Cholesky and LU factorizations split their work by thread count, and the split changes
-    the last bits of the result (and so, now and then, a float32 weight); its matrix products do
-    not (checked for 1-8 threads). Selection and refit are a small part of a layer's time.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _patched_outputs(layer, new_down, scale, hidden, outputs, inputs, keep, kwargs) -> List[torch.Tensor]:
