@@ -246,7 +246,7 @@ def big(args) -> dict:
     # Token ids of real text (the default model's tokenizer; any ids below the vocabulary size would do).
     tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
     calibration = _calibration_file(tokenizer, args.calibration_tokens, args.seq_len, shape["vocab_size"])
-    windows = _calibration_file(tokenizer, args.eval_tokens, args.seq_len, shape["vocab_size"], held_out=True)
+    windows = args.eval_tokens and _calibration_file(tokenizer, args.eval_tokens, args.seq_len, shape["vocab_size"], held_out=True)
     rows = []
     for method in args.methods:
         output = SCRATCH / f"{args.shape}-shape-{method.lower()}-{args.percentage:g}"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import common, pipeline_timing, quality, shrinkage, width_speed
+from benchmarks import big_model, common, pipeline_timing, quality, shrinkage, width_speed
 
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 
@@ -35,6 +35,25 @@ def test_a_missing_model_is_one_clear_line(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.argv", ["shrinkage", "--model", str(tmp_path)])
     with pytest.raises(SystemExit, match="--model .*: no model there .*dvc repro download"):
         shrinkage.main()
+
+
+def test_big_model_keeps_the_rows_of_the_methods_it_did_not_rerun(tmp_path):
+    # AUTO on the 8B shape takes an hour: rerunning it alone must not drop the MAW row.
+    def row(method, seconds, **more):
+        return dict(method=method, wall_seconds=seconds, peak_rss_mib=1, peak_rss_vs_checkpoint=0.1, output_bytes=8, **more)
+
+    path = tmp_path / "big_model_big.json"
+    earlier = {"shape_key": "llama-3.1-8b", "checkpoint_bytes": 16, "percentage": 20, "command": "python -m x --methods MAW",
+               "rows": [row("MAW", 1), row("AUTO", 9)]}
+    path.write_text(json.dumps(earlier))
+    rerun = dict(earlier, command="python -m x --methods AUTO", rows=[row("AUTO", 2, command="python -m x --methods AUTO")])
+    merged = big_model._with_earlier_methods(rerun, path)
+    assert [(r["method"], r["wall_seconds"], r["command"]) for r in merged["rows"]] == [
+        ("MAW", 1, "python -m x --methods MAW"), ("AUTO", 2, "python -m x --methods AUTO")]
+    assert "Command: `python -m x --methods MAW`" in big_model.markdown(dict(merged, part="big", shape="s", threads=2,
+                                                                              calibration_tokens=4096, eval_tokens=0))
+    # Another cut is another experiment: nothing is carried over.
+    assert big_model._with_earlier_methods(dict(rerun, percentage=30), path)["rows"] == rerun["rows"]
 
 
 def test_results_show_paths_relative_to_the_repository(tmp_path):
