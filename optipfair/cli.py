@@ -139,7 +139,7 @@ def prune(
     out_of_core: Optional[bool] = typer.Option(
         None,
         "--out-of-core/--in-memory",
-        help="Prune one decoder layer at a time, reading and writing safetensors shards (CPU; width pruning). "
+        help="Prune one decoder layer at a time on --device, reading and writing safetensors shards. "
         "Default: out of core when the model in memory would exceed --memory-budget.",
     ),
     memory_budget: Optional[float] = typer.Option(
@@ -214,19 +214,19 @@ def _out_of_core(asked: Optional[bool], model_path: str, device: str, dtype: str
         return asked
     if not (Path(model_path) / "config.json").is_file():
         return False  # a Hub id: loaded in memory as before
-    return not fits_in_memory(model_path, resolve_dtype(dtype, resolve_device(device)), budget_gib)
+    device = resolve_device(device)
+    return not fits_in_memory(model_path, resolve_dtype(dtype, device), budget_gib, device)
 
 
 def _prune_out_of_core(model_path, output_path, options, device, dtype, trust_remote_code, calibration_source,
                        show_progress) -> Dict[str, Any]:
     from pathlib import Path
 
+    from optipfair.io import resolve_device
     from optipfair.streaming import prune_checkpoint
 
     if not (Path(model_path) / "config.json").is_file():
         raise OptiPFairError(f"--out-of-core reads safetensors files: {model_path} is not a local model directory")
-    if device not in ("auto", "cpu"):
-        raise OptiPFairError(f"--device: out-of-core pruning runs on the CPU for now, got {device}; use --device cpu")
     if dtype != "auto":
         raise OptiPFairError(f"--dtype: out-of-core pruning writes the checkpoint's own dtype, got {dtype}; leave it auto")
     if trust_remote_code:
@@ -241,7 +241,7 @@ def _prune_out_of_core(model_path, output_path, options, device, dtype, trust_re
             tokenizer = None
         calibration = _calibration_data(tokenizer, *calibration_source)
     return prune_checkpoint(model_path, output_path, options, calibration_data=calibration,
-                            show_progress=show_progress)
+                            show_progress=show_progress, device=resolve_device(device))
 
 
 def _prune_summary(stats: Dict[str, Any]):

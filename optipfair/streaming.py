@@ -2,9 +2,9 @@
 
 The model is built with its weights on the meta device (no memory); each decoder layer in turn
 is read, pruned by the same code as in-memory pruning (`prune_mlp_by_weights`,
-`calibration.LayerPruner`), written to the output shards and dropped. Host memory holds one
-layer in float32, the calibration activations, and the embedding rows of the calibration tokens
-(never the whole embedding matrix), whatever the model's size: tensors are read with plain file
+`calibration.LayerPruner`), written to the output shards and dropped. The compute device (the
+CPU, or a GPU) holds one layer in float32, the calibration activations, and the embedding rows of
+the calibration tokens (never the whole embedding matrix), whatever the model's size: tensors are read with plain file
 reads, not a memory map, tensors copied unchanged go from file to file in blocks, and each
 tensor is on disk as soon as it is added to an output shard. Calibrated methods see each
 layer's inputs computed by the already-pruned layers before it, as in memory, so both paths
@@ -63,6 +63,7 @@ def prune_checkpoint(
     calibration_data=None,
     show_progress: bool = True,
     max_shard_bytes: int = MAX_SHARD_BYTES,
+    device: str = "cpu",
 ) -> Dict[str, object]:
     """
     Prune the safetensors checkpoint at `model_path` into `output_path`, one decoder layer at a time.
@@ -74,6 +75,8 @@ def prune_checkpoint(
         calibration_data: Token ids [samples, seq_len] (calibrated methods)
         show_progress: Whether to show a progress bar over layers
         max_shard_bytes: Largest output shard; one shard at most waits in memory to be written
+        device: Where each layer is pruned ("cpu", "cuda", "cuda:N"); host memory then holds little
+            more than the tensor being written
 
     Returns:
         The pruning statistics, as `prune(..., return_stats=True)` gives them.
@@ -84,7 +87,7 @@ def prune_checkpoint(
     verify_checkpoint(source)
     target = check_output_path(str(output_path))
     checkpoint = _Checkpoint(source)
-    model = _skeleton(source)
+    model = _skeleton(source, device)
     adapter = get_adapter(model)
     layers_prefix = _prefix_of(model, adapter.layers)
     total_layers, old_width = len(adapter.layers), adapter.width(adapter.mlps[0])
@@ -103,11 +106,11 @@ def prune_checkpoint(
         if options.needs_calibration:
             # Calibration runs the model up to the first layer: only the embedding rows of the
             # calibration tokens are needed (the head and final norm are copied without being read in).
-            calibration_data = calibrating.enter_context(_embedding_rows(model, checkpoint, calibration_data))
+            calibration_data = calibrating.enter_context(_embedding_rows(model, checkpoint, calibration_data, device))
         shards = _ShardWriter(staging, max_shard_bytes)
         if method is None:
             # Two passes: measure every layer (each read once), then copy the kept ones, renumbered.
-            layers = _streamed_layers(checkpoint, adapter, layers_prefix, "Layer importance", show_progress)
+            layers = _streamed_layers(checkpoint, adapter, layers_prefix, device, "Layer importance", show_progress)
             scores = depth.layer_importance(model, adapter, calibration_data, layers=(layer for _, layer in layers))
             drop = depth.least_important(scores, options.num_layers_to_remove)
             kept = [i for i in range(total_layers) if i not in drop]
@@ -123,7 +126,7 @@ def prune_checkpoint(
                 pruner = calibration.LayerPruner(model, adapter, width, calibration_data, method.name,
                                                  options.refit, shrinkage=options.correlation_shrinkage)
             description = f"Pruning layer by layer ({method.name})"
-            for index, layer in _streamed_layers(checkpoint, adapter, layers_prefix, description, show_progress):
+            for index, layer in _streamed_layers(checkpoint, adapter, layers_prefix, device, description, show_progress):
                 if pruner is not None:
                     pruner.prune(index, layer)
                 elif width < old_width:
@@ -143,12 +146,12 @@ def prune_checkpoint(
     return stats
 
 
-def _streamed_layers(checkpoint, adapter, layers_prefix: str, description: str, show_progress: bool):
-    """(index, layer) for each decoder layer in order, its weights read just before and dropped just after use."""
+def _streamed_layers(checkpoint, adapter, layers_prefix: str, device: str, description: str, show_progress: bool):
+    """(index, layer) for each decoder layer in order, its weights read onto `device` just before and dropped just after use."""
     for index, layer in tqdm(list(enumerate(adapter.layers)), desc=description, unit="layer",
                              disable=not show_progress):
         prefix = f"{layers_prefix}{index}."
-        _load(layer, checkpoint, [name for name in checkpoint.names if name.startswith(prefix)], prefix)
+        _load(layer, checkpoint, [name for name in checkpoint.names if name.startswith(prefix)], prefix, device)
         yield index, layer
         layer.to("meta")
         _release_freed_memory()
@@ -168,36 +171,38 @@ def _release_freed_memory() -> None:
 
 
 @torch.no_grad()
-def perplexity_checkpoint(model_path: str | Path, windows: torch.Tensor, show_progress: bool = True) -> float:
+def perplexity_checkpoint(model_path: str | Path, windows: torch.Tensor, show_progress: bool = True,
+                          device: str = "cpu") -> float:
     """
     Perplexity of the checkpoint at `model_path` on token `windows` [n, seq_len], one layer at a time.
 
     The same figure as `optipfair.evaluation.perplexity.perplexity` on the model loaded in float32
-    (up to float rounding), but each weight is read once for all windows. Host memory holds one
-    layer in float32, every window's hidden states (tokens x hidden floats), the embedding rows of
-    the windows' tokens, and at the end the head in its stored dtype, whatever the model's size.
+    (up to float rounding), but each weight is read once for all windows. The compute `device`
+    holds one layer in float32, every window's hidden states (tokens x hidden floats), the embedding
+    rows of the windows' tokens; at the end host memory holds the head in its stored dtype, and the
+    device a block of its rows in float32, whatever the model's size.
     """
     source = Path(model_path)
     verify_checkpoint(source)
     windows = calibration.check_calibration_data(windows, "perplexity")
     checkpoint = _Checkpoint(source)
-    model = _skeleton(source)
+    model = _skeleton(source, device)
     adapter = get_adapter(model)
     layers_prefix = _prefix_of(model, adapter.layers)
     big = {_weight_name(model, model.get_input_embeddings()), _weight_name(model, model.get_output_embeddings())}
     small = [name for name in checkpoint.names if not name.startswith(layers_prefix) and name not in big]
-    _load(model, checkpoint, small, prefix="")  # final norm, head bias, ...: a few vectors
-    with _embedding_rows(model, checkpoint, windows) as renumbered:
+    _load(model, checkpoint, small, "", device)  # final norm, head bias, ...: a few vectors
+    with _embedding_rows(model, checkpoint, windows, device) as renumbered:
         batch_rows = max(1, EVAL_BATCH_TOKENS // windows.shape[1])
         hidden, layer_kwargs = calibration.capture_layer_inputs(model, adapter, renumbered, batch_size=batch_rows)
-    for index, layer in _streamed_layers(checkpoint, adapter, layers_prefix, "Perplexity layer by layer",
+    for index, layer in _streamed_layers(checkpoint, adapter, layers_prefix, device, "Perplexity layer by layer",
                                          show_progress):
         hidden = calibration.run_layer(layer, hidden, layer_kwargs[index])
     return math.exp(_head_nll(model, checkpoint, adapter, windows, torch.cat(hidden)) / windows[:, 1:].numel())
 
 
 @contextmanager
-def _embedding_rows(model: nn.Module, checkpoint: "_Checkpoint", token_ids: torch.Tensor):
+def _embedding_rows(model: nn.Module, checkpoint: "_Checkpoint", token_ids: torch.Tensor, device: str):
     """Within the block, the model's input embeddings hold only the rows of `token_ids`, in float32;
     yields the ids renumbered into them. The full-size (meta) embeddings come back after.
 
@@ -213,7 +218,7 @@ def _embedding_rows(model: nn.Module, checkpoint: "_Checkpoint", token_ids: torc
     if used.max().item() >= vocabulary:
         raise OptiPFairError(f"token id {used.max().item()} is outside the model's vocabulary of {vocabulary}")
     full = embeddings.weight
-    embeddings.weight = nn.Parameter(checkpoint.read_rows(name, used).float(), requires_grad=False)
+    embeddings.weight = nn.Parameter(checkpoint.read_rows(name, used).to(device).float(), requires_grad=False)
     try:
         yield renumbered
     finally:
@@ -254,7 +259,7 @@ def _head_nll(model: nn.Module, checkpoint: "_Checkpoint", adapter, windows: tor
     for index in range(len(originals)):
         layers[index] = stand_in(index)
     states = final_hidden[:, :-1].reshape(-1, final_hidden.shape[-1])
-    targets = windows[:, 1:].reshape(-1)
+    targets = windows[:, 1:].reshape(-1).to(final_hidden.device)
     chunk = max(1, HEAD_CHUNK_LOGITS // head_weight.shape[0])
     total = 0.0
     try:
@@ -286,7 +291,7 @@ class _Float32Head(nn.Module):
         for start in range(0, self.weight.shape[0], self.rows):
             stop = start + self.rows
             bias = None if self.bias is None else self.bias[start:stop].float()
-            out[..., start:stop] = F.linear(x, self.weight[start:stop].float(), bias)
+            out[..., start:stop] = F.linear(x, self.weight[start:stop].to(x.device).float(), bias)
         return out
 
 
@@ -297,14 +302,23 @@ def in_memory_bytes(model_path: str | Path, dtype: torch.dtype = torch.float32) 
     return sum(math.prod(shape) for shape in shapes) * torch.tensor([], dtype=dtype).element_size()
 
 
-def fits_in_memory(model_path: str | Path, dtype: torch.dtype, budget_gib: Optional[float] = None) -> bool:
+def fits_in_memory(model_path: str | Path, dtype: torch.dtype, budget_gib: Optional[float] = None,
+                   device: str = "cpu") -> bool:
     """Whether the checkpoint's weights in `dtype` fit `budget_gib` (see `memory_budget_bytes`)."""
-    return in_memory_bytes(model_path, dtype) <= memory_budget_bytes(budget_gib)
+    return in_memory_bytes(model_path, dtype) <= memory_budget_bytes(budget_gib, device)
 
 
-def memory_budget_bytes(budget_gib: Optional[float] = None) -> int:
-    """`budget_gib` in bytes; by default 80 % of the memory available now (the rest: activations, Python)."""
-    return int(budget_gib * 2**30) if budget_gib is not None else int(0.8 * available_memory_bytes())
+def memory_budget_bytes(budget_gib: Optional[float] = None, device: str = "cpu") -> int:
+    """`budget_gib` in bytes; by default 80 % of the memory available now (the rest: activations, Python).
+
+    On a GPU, the lesser of the host's and the GPU's: a model in memory is loaded on the host, then moved.
+    """
+    if budget_gib is not None:
+        return int(budget_gib * 2**30)
+    available = available_memory_bytes()
+    if device.startswith("cuda"):
+        available = min(available, torch.cuda.mem_get_info(torch.device(device))[0])
+    return int(0.8 * available)
 
 
 def available_memory_bytes() -> int:
@@ -394,8 +408,8 @@ _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "
 _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
-def _skeleton(folder: Path) -> nn.Module:
-    """The architecture with its parameters on the meta device; buffers (rotary tables) are real."""
+def _skeleton(folder: Path, device: str) -> nn.Module:
+    """The architecture with its parameters on the meta device; buffers (rotary tables) are real, on `device`."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -405,16 +419,19 @@ def _skeleton(folder: Path) -> nn.Module:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.config.dtype = stored_dtype  # the saved config names the dtype the weights are written in
     model.tie_weights()  # as from_pretrained does: a tied head is the embeddings' parameter, counted once
+    for module in model.modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            setattr(module, name, buffer.to(device))
     return model.eval()
 
 
-def _load(module: nn.Module, checkpoint: _Checkpoint, names: Iterable[str], prefix: str) -> None:
-    """Read `names` from the checkpoint into `module` (names relative to it after `prefix`), in float32.
+def _load(module: nn.Module, checkpoint: _Checkpoint, names: Iterable[str], prefix: str, device: str) -> None:
+    """Read `names` from the checkpoint into `module` (names relative to it after `prefix`), on `device` in float32.
 
     Float32 whatever the stored dtype: calibration statistics and the refit are computed in it, as
     in memory; each tensor is written back in its stored dtype.
     """
-    tensors = {name[len(prefix):]: checkpoint.read(name).float() for name in names}
+    tensors = {name[len(prefix):]: checkpoint.read(name).to(device).float() for name in names}
     missing = [name for name, p in module.named_parameters() if p.is_meta and name not in tensors]
     if prefix and missing:
         raise OptiPFairError(f"{checkpoint.folder}: the checkpoint has no tensor {prefix}{missing[0]}")
@@ -468,7 +485,7 @@ class _ShardWriter:
         self.written: list = []  # (temporary file name, tensor names)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        tensor = tensor.detach().contiguous()
+        tensor = tensor.detach().cpu().contiguous()
         self._begin(name, tensor.dtype, tuple(tensor.shape), tensor.numel() * tensor.element_size())
         self.file.write(tensor.reshape(-1).view(torch.uint8).numpy())
 

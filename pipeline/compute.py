@@ -2,8 +2,8 @@
 
 `device` and `dtype` are resolved here once (auto: a GPU when there is one, bfloat16 on a GPU that
 supports it, float32 otherwise). Models whose weights in that dtype would together exceed
-`memory_budget_gib` (host memory; default: 80 % of what is available when the stage starts) are
-handled out of core instead: layer by layer, on the CPU.
+`memory_budget_gib` (default: 80 % of the memory available when the stage starts, on the host and,
+on a GPU, on the GPU too) are handled out of core instead: layer by layer, on the same device.
 """
 
 from __future__ import annotations
@@ -30,5 +30,5 @@ def placement(compute: Dict[str, Any], *model_dirs: Path) -> Placement:
     device = resolve_device(compute["device"])
     dtype = resolve_dtype(compute["dtype"], device)
     needed = sum(in_memory_bytes(folder, dtype) for folder in model_dirs)
-    budget = memory_budget_bytes(compute["memory_budget_gib"])
+    budget = memory_budget_bytes(compute["memory_budget_gib"], device)
     return Placement(device, str(dtype).removeprefix("torch."), needed > budget, needed, budget)

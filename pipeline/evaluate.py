@@ -110,9 +110,9 @@ def _measure_out_of_core(params: Params, name: str, where, windows, other_window
               f"{_size(where.budget_bytes)} (compute.memory_budget_gib): measured only when they fit")
     print(f"evaluate {name}: out of core; speed and tasks skipped: {reason}", file=sys.stderr)
     metrics = {
-        "perplexity": round(perplexity_checkpoint(folder, windows), 4),
+        "perplexity": round(perplexity_checkpoint(folder, windows, device=where.device), 4),
         "eval_tokens": int(windows.numel()),
-        "perplexity_out_of_domain": round(perplexity_checkpoint(folder, other_windows), 4),
+        "perplexity_out_of_domain": round(perplexity_checkpoint(folder, other_windows, device=where.device), 4),
         "out_of_domain_eval_tokens": int(other_windows.numel()),
         **_shape(load_skeleton(str(folder)), name),
         "speed_skipped": reason,

@@ -1,8 +1,8 @@
 """prune stage: build one variant from models/base with `optipfair.prune`.
 
 The model is pruned where `compute:` says (device, dtype). A base model that would not fit the
-memory budget is pruned out of core instead: one decoder layer at a time, on the CPU, with the
-same result (`optipfair.streaming.prune_checkpoint`).
+memory budget is pruned out of core instead: one decoder layer at a time, on the same device, with
+the same result (`optipfair.streaming.prune_checkpoint`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def run(params: Params, name: str) -> dict:
     try:
         if where.out_of_core:
             stats = prune_checkpoint(source, layout.model_dir(name), variant.options, calibration_data=calibration,
-                                     show_progress=True)
+                                     show_progress=True, device=where.device)
         else:
             model, tokenizer = load_model(str(source), where.device, where.dtype)
             model, stats = prune(model, variant.options, calibration_data=calibration, show_progress=True,

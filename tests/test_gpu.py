@@ -1,4 +1,4 @@
-"""The same work on a GPU as on the CPU: pruning, healing, perplexity and the CLI on CUDA.
+"""The same work on a GPU as on the CPU: pruning (in memory and out of core), healing, perplexity and the CLI on CUDA.
 
 Skipped where no GPU is visible (CI has none); run on a machine with one:
 `python -m pytest tests/test_gpu.py -v`.
@@ -16,6 +16,7 @@ from optipfair import HealOptions, PruningOptions, heal, prune
 from optipfair.cli import app
 from optipfair.data import default_texts, token_windows
 from optipfair.evaluation.perplexity import perplexity
+from optipfair.streaming import perplexity_checkpoint, prune_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 SEQ_LEN = 32
@@ -85,3 +86,28 @@ def test_cli_prunes_on_the_gpu_and_saves_a_model_that_reloads(tiny_model_dir, tm
     assert result.exit_code == 0, result.output
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert reloaded.model.layers[0].mlp.gate_proj.weight.shape[0] == 96
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.mark.parametrize("method", ["MAW", "AUTO"])
+def test_out_of_core_on_the_gpu_writes_the_cpus_model_and_evaluates_it_alike(windows, method, tiny_tokenizer, tmp_path):
+    source = tmp_path / "model"
+    make_tiny_model("llama", intermediate_size=128).save_pretrained(source)
+    tiny_tokenizer.save_pretrained(source)
+    options = PruningOptions(method=method, pruning_percentage=30)
+    outputs = {}
+    for device in ("cpu", "cuda"):
+        outputs[device] = tmp_path / device
+        prune_checkpoint(source, outputs[device], options, calibration_data=windows[0], show_progress=False, device=device)
+    on_cpu, on_gpu = _weights(outputs["cpu"]), _weights(outputs["cuda"])
+    assert on_cpu.keys() == on_gpu.keys()
+    for name, expected in on_cpu.items():
+        assert on_gpu[name].shape == expected.shape, name
+        torch.testing.assert_close(on_gpu[name], expected, rtol=1e-3, atol=1e-4, msg=name)
+    assert perplexity_checkpoint(outputs["cuda"], windows[1], show_progress=False, device="cuda") == pytest.approx(
+        perplexity_checkpoint(outputs["cpu"], windows[1], show_progress=False), rel=1e-4)
