@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import big_model, common, pipeline_timing, quality, shrinkage, width_speed
+from benchmarks import big_model, common, obs_speed, pipeline_timing, quality, shrinkage, width_speed
 
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 
 
-@pytest.mark.parametrize("module", [quality, shrinkage, width_speed, pipeline_timing])
+@pytest.mark.parametrize("module", [quality, shrinkage, width_speed, pipeline_timing, obs_speed])
 def test_every_benchmark_prints_its_usage(module, monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", [module.__name__, "--help"])
     with pytest.raises(SystemExit) as done:
@@ -29,6 +29,14 @@ def test_width_speed_times_every_width(monkeypatch, capsys):
     assert [(r["pruning_percentage"], r["round_to"]) for r in rows] == [(20, None), (20, 64), (40, None), (40, 64)]
     assert all(r["width"] % 64 == 0 for r in rows if r["round_to"])
     assert all(r["speedup"] > 0 for r in rows)
+
+
+def test_obs_speed_times_both_inversions_and_they_agree(monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["obs_speed", "--widths", "300", "--json"])
+    obs_speed.main()
+    row = json.loads(capsys.readouterr().out)["rows"][0]
+    assert row["width"] == 300 and row["in_place_s"] > 0 and row["lapack_one_thread_s"] > 0
+    assert row["max_relative_difference"] < 1e-8
 
 
 def test_a_missing_model_is_one_clear_line(tmp_path, monkeypatch):
