@@ -265,7 +265,7 @@ def big(args) -> dict:
             rows[-1].update(eval_wall_seconds=round(time.perf_counter() - started, 1),
                             eval_peak_rss_mib=round(evaluated["peak_rss_bytes"] / 2**20),
                             eval_peak_rss_vs_checkpoint=round(evaluated["peak_rss_bytes"] / checkpoint_bytes, 3),
-                            perplexity=round(evaluated["perplexity"], 1))
+                            perplexity=round(evaluated["perplexity"], 1), eval_tokens=args.eval_tokens)
             print(rows[-1], flush=True)
         if args.reload:
             rows[-1].update(_reload(output))
@@ -288,7 +288,8 @@ def _with_earlier_methods(result: dict, path: Path) -> dict:
     if any(earlier.get(key) != result[key] for key in ("shape_key", "checkpoint_bytes", "percentage")):
         return result
     ran = {row["method"] for row in result["rows"]}
-    kept = [dict(row, command=row.get("command", earlier["command"])) for row in earlier["rows"] if row["method"] not in ran]
+    kept = [dict(row, command=row.get("command", earlier["command"]), eval_tokens=row.get("eval_tokens", earlier.get("eval_tokens")))
+            for row in earlier["rows"] if row["method"] not in ran]
     return dict(result, rows=kept + result["rows"])
 
 
@@ -332,7 +333,7 @@ def markdown(result: dict) -> str:
             lines.append(f"| prune {row['method']} {result['percentage']:g}% | {row['wall_seconds']} | {row['peak_rss_mib']} "
                          f"| {row['peak_rss_vs_checkpoint']} | output {row['output_bytes'] / 2**30:.1f} GiB |")
             if "perplexity" in row:
-                lines.append(f"| perplexity of the pruned model, {result['eval_tokens']} tokens, layer by layer "
+                lines.append(f"| perplexity of the pruned model, {row.get('eval_tokens', result['eval_tokens'])} tokens, layer by layer "
                              f"| {row['eval_wall_seconds']} | {row['eval_peak_rss_mib']} | {row['eval_peak_rss_vs_checkpoint']} "
                              f"| {row['perplexity']} (random weights) |")
             if "intermediate_size" in row:
