@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from optipfair.errors import OptiPFairError
 from optipfair.pruning.options import DEFAULT_SHRINKAGE
-from optipfair.pruning.linalg import one_thread
+from optipfair.pruning.linalg import mirror_in_place, one_thread
 from optipfair.pruning.methods import get_method
 from optipfair.pruning.selection import DEFAULT_DAMPING, refit_down, shrink_correlations
 from optipfair.pruning.surgery import shrink_mlp
@@ -158,13 +158,7 @@ class _DownRecorder(nn.Module):
 
     def full_gram(self) -> torch.Tensor:
         """H = X^T X, its upper blocks mirrored into the lower triangle in place (no second n x n matrix)."""
-        gram = self.gram
-        for start in range(0, len(gram), _GRAM_BLOCK):
-            stop = start + _GRAM_BLOCK
-            gram[stop:, start:stop] = gram[start:stop, stop:].T
-            block = gram[start:stop, start:stop]
-            block.copy_(block.triu() + block.triu(1).T)
-        return gram
+        return mirror_in_place(self.gram, from_upper=True)
 
 
 @torch.no_grad()

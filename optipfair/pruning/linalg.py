@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 
 # Rows and columns per block: the b x b factorizations run on one thread, the rest are products.
-_BLOCK = 256
+BLOCK = 256
 
 
 @contextmanager
@@ -42,9 +42,9 @@ def invert_spd_in_place(matrix: torch.Tensor) -> torch.Tensor:
     Raises torch.linalg.LinAlgError if H is not positive definite.
     """
     n = len(matrix)
-    starts = range(0, n, _BLOCK)
+    starts = range(0, n, BLOCK)
     for k in starts:  # L, left-looking: block column k from the columns before it
-        e = min(k + _BLOCK, n)
+        e = min(k + BLOCK, n)
         matrix[k:, k:e].addmm_(matrix[k:, :k], matrix[k:e, :k].T, alpha=-1)
         with one_thread():
             factor = torch.linalg.cholesky(matrix[k:e, k:e])
@@ -53,22 +53,35 @@ def invert_spd_in_place(matrix: torch.Tensor) -> torch.Tensor:
         matrix[e:, k:e] = matrix[e:, k:e] @ factor_inv.T
     matrix.tril_()
     for k in starts:  # X = L^-1: block row k from the rows above it, already inverted
-        e = min(k + _BLOCK, n)
+        e = min(k + BLOCK, n)
         with one_thread():
             diagonal_inv = _lower_inverse(matrix[k:e, k:e])
         row, product = matrix[k:e, :k], matrix.new_empty(e - k, k)
-        for j in range(0, k, _BLOCK):  # row @ X[:k, :k], column block by column block: X is zero above its diagonal
-            product[:, j:j + _BLOCK] = row[:, j:] @ matrix[j:k, j:j + _BLOCK]
+        for j in range(0, k, BLOCK):  # row @ X[:k, :k], column block by column block: X is zero above its diagonal
+            product[:, j:j + BLOCK] = row[:, j:] @ matrix[j:k, j:j + BLOCK]
         matrix[k:e, :k] = diagonal_inv @ product.neg_()
         matrix[k:e, k:e] = diagonal_inv
     for k in starts:  # H^-1 = X^T X: block row k needs only rows k.. of X, which no earlier block row overwrote
-        e = min(k + _BLOCK, n)
+        e = min(k + BLOCK, n)
         matrix[k:e, :e] = matrix[k:, k:e].T @ matrix[k:, :e]
-    for k in starts:  # mirror (the diagonal blocks too: a product X^T X is not symmetric to the last bit)
-        e = min(k + _BLOCK, n)
-        matrix[:k, k:e] = matrix[k:e, :k].T
+    return mirror_in_place(matrix, from_upper=False)
+
+
+def mirror_in_place(matrix: torch.Tensor, from_upper: bool) -> torch.Tensor:
+    """Make a square matrix symmetric by copying one triangle onto the other, a block at a time.
+
+    The diagonal blocks too: a product such as X^T X is not symmetric to the last bit.
+    """
+    n = len(matrix)
+    for k in range(0, n, BLOCK):
+        e = min(k + BLOCK, n)
         block = matrix[k:e, k:e]
-        block.copy_(block.tril() + block.tril(-1).T)
+        if from_upper:
+            matrix[e:, k:e] = matrix[k:e, e:].T
+            block.copy_(block.triu() + block.triu(1).T)
+        else:
+            matrix[:k, k:e] = matrix[k:e, :k].T
+            block.copy_(block.tril() + block.tril(-1).T)
     return matrix
 
 

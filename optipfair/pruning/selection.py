@@ -17,7 +17,7 @@ from typing import Tuple
 
 import torch
 
-from optipfair.pruning.linalg import invert_spd_in_place, one_thread
+from optipfair.pruning.linalg import BLOCK, invert_spd_in_place, one_thread
 from optipfair.pruning.surgery import select_kept_pairs
 
 # Ridge damping, as a fraction of the mean diagonal of H; it keeps H invertible. Measured on
@@ -73,9 +73,9 @@ def select_obs(weight: torch.Tensor, gram: torch.Tensor, keep_width: int, dampin
         to_remove -= len(block)
     keep = alive.nonzero().squeeze(1)
     # The compensated columns are exactly refit_down's ridge solution for these pairs. They move to
-    # the front of w in place, 256 rows at a time: a [hidden, kept] copy beside Hinv would add 180 MB at 8B.
-    for first in range(0, len(w), 256):
-        chunk = w[first:first + 256]
+    # the front of w in place, a block of rows at a time: a [hidden, kept] copy beside Hinv would add 180 MB at 8B.
+    for first in range(0, len(w), BLOCK):
+        chunk = w[first:first + BLOCK]
         chunk[:, :len(keep)] = chunk[:, keep]
     return keep, w[:, :len(keep)]
 
