@@ -174,9 +174,10 @@ def _serve_large_blocks_by_mmap() -> None:
 
     By default glibc raises its mmap threshold to the largest block freed so far (up to 32 MiB),
     then serves blocks below it from the heap. Layer after layer, the heap then creeps: on the
-    8B shape AUTO peaked at 0.257 x the checkpoint instead of the 0.23 x that one layer needs.
-    This setting is process-wide and stays after the call; it costs a page fault per fresh page
-    of a large block, nothing measurable beside the matrix products that use it.
+    8B shape AUTO peaked at 0.257 x the checkpoint; with this, 0.231 x (what one layer needs).
+    The setting is process-wide and stays after the call. Its cost is a page fault per fresh page
+    of a large block: the default 135M model's layer-by-layer perplexity took 24.3 s instead of
+    21.7 s; at 8B width the matrix products dwarf it.
     """
     _call_glibc("mallopt", _M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
 

@@ -282,24 +282,31 @@ def test_queued_experiments_run_two_variants_in_parallel(project):
     _git(project, "commit", "-q", "-m", "built")
     _dvc(project, "exp", "run", "--queue", "-n", "maw-30", "-S", "variants.maw-25.pruning_percentage=30", **store)
     _dvc(project, "exp", "run", "--queue", "-n", "vow-40", "-S", "variants.vow-50.pruning_percentage=40", **store)
-    # `dvc queue start` waits for its workers here (no terminal), so the queue is watched beside it.
+    # `dvc queue start` waits for its workers here (no terminal). Each worker runs its experiment in a
+    # temporary copy of the repository, made when it starts and removed when it ends: two copies at
+    # once are two experiments running at once. Listing a folder every 0.1 s cannot miss that overlap
+    # the way polling `dvc queue status` (itself seconds per call on a loaded machine) could.
+    workspaces = project / ".dvc" / "tmp" / "exps"
     starter = subprocess.Popen([str(BIN / "dvc"), "queue", "start", "-j", "2"], cwd=project,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dvc_env(**store))
     try:
-        most_running, deadline = 0, time.monotonic() + 900
+        most_running, deadline, asked = 0, time.monotonic() + 900, 0.0
         while time.monotonic() < deadline:
-            status = _dvc(project, "queue", "status").stdout
-            most_running = max(most_running, len(re.findall(r"\bRunning\b", status)))
-            if starter.poll() is not None and not re.search(r"\b(Running|Queued)\b", status):
-                break
-            time.sleep(1)
+            running = [p for p in workspaces.glob("tmp*") if p.is_dir()] if workspaces.is_dir() else []
+            most_running = max(most_running, len(running))
+            if starter.poll() is not None and time.monotonic() - asked > 2:  # workers may outlive the starter
+                asked = time.monotonic()
+                if not re.search(r"\b(Running|Queued)\b", _dvc(project, "queue", "status").stdout):
+                    break
+            time.sleep(0.1)
     finally:
         if starter.poll() is None:
             subprocess.run([str(BIN / "dvc"), "queue", "kill", "maw-30", "vow-40"], cwd=project, capture_output=True,
                            env=dvc_env())
         starter.wait(timeout=120)
-    assert most_running == 2, status
+    status = _dvc(project, "queue", "status").stdout
     assert len(re.findall(r"\bSuccess\b", status)) == 2, status
+    assert most_running == 2, "the two queued experiments never ran at the same time"
 
     experiments = _experiments(project)
     workspace = experiments["workspace"]
