@@ -17,13 +17,11 @@ from tqdm.auto import tqdm
 
 from optipfair.errors import OptiPFairError
 from optipfair.pruning.options import DEFAULT_SHRINKAGE
-from optipfair.pruning.linalg import mirror_in_place, one_thread
+from optipfair.pruning.linalg import BLOCK, mirror_in_place, one_thread
 from optipfair.pruning.methods import get_method
 from optipfair.pruning.selection import DEFAULT_DAMPING, refit_down, shrink_correlations
 from optipfair.pruning.surgery import shrink_mlp
 
-# Columns per block of the Gram accumulation.
-_GRAM_BLOCK = 256
 # Tokens per float64 copy of the down_proj inputs during the Gram accumulation (14336 pairs: 117 MB).
 _GRAM_ROWS = 1024
 # Calibration rows per forward: CPU attention is several times slower per token on single rows.
@@ -150,8 +148,8 @@ class _DownRecorder(nn.Module):
         for first in range(0, len(flat), _GRAM_ROWS):
             rows = flat[first:first + _GRAM_ROWS].double()
             # Only the blocks on and above the diagonal: H is symmetric, and this is a third cheaper.
-            for start in range(0, rows.shape[1], _GRAM_BLOCK):
-                stop = start + _GRAM_BLOCK
+            for start in range(0, rows.shape[1], BLOCK):
+                stop = start + BLOCK
                 self.gram[start:stop, start:].addmm_(rows[:, start:stop].T, rows[:, start:])
         self.inputs.append(x)
         return x.new_zeros(()).expand(*x.shape[:-1], self.out_features)
