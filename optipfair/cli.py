@@ -108,6 +108,9 @@ def prune(
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     dtype: DType = typer.Option(DType.auto, "--dtype", help="Weights dtype; auto = bfloat16 on GPU, float32 on CPU."),
+    save_dtype: DType = typer.Option(
+        DType.auto, "--save-dtype", help="Dtype of the saved model; auto = the checkpoint's own (a bf16 model stays bf16)."
+    ),
     verbose: bool = typer.Option(True, "--verbose/--quiet", help="Progress bars and a full summary, or one line."),
     round_to: Optional[int] = typer.Option(
         None, "--round-to", help="Round the kept MLP width to a multiple of this (128 suits GPUs)."
@@ -176,6 +179,9 @@ def prune(
         try:
             out_of_core = _out_of_core(out_of_core, model_path, device, dtype.value, memory_budget)
             if out_of_core:
+                if save_dtype != DType.auto:
+                    raise OptiPFairError(f"--save-dtype: out-of-core pruning writes the checkpoint's own dtype, got "
+                                         f"{save_dtype.value}; leave it auto")
                 stats = _prune_out_of_core(model_path, output_path, options, device, dtype.value, trust_remote_code,
                                            (calibration_file, calibration_tokens, calibration_seq_len), show_progress)
             else:
@@ -186,7 +192,7 @@ def prune(
                 model, stats = prune_with(
                     model, options, calibration_data=calibration, show_progress=show_progress, return_stats=True
                 )
-                save_model(model, tokenizer, output_path)
+                save_model(model, tokenizer, output_path, dtype=_saved_dtype(save_dtype.value, model_path, model))
         except OptionError as error:  # a width the model cannot take (round_to, expansion rate)
             raise OptiPFairError(f"{_flag(error.field)}: {error.problem}") from None
         stats.update(method=options.method, output_path=str(output_path), model_path=model_path, out_of_core=out_of_core)
@@ -218,11 +224,25 @@ def _out_of_core(asked: Optional[bool], model_path: str, device: str, dtype: str
     return not fits_in_memory(model_path, resolve_dtype(dtype, device), budget_gib, device)
 
 
+def _saved_dtype(choice: str, model_path: str, model):
+    """The dtype to save in: as asked, else the checkpoint's own (a Hub id: the dtype it was loaded in)."""
+    from pathlib import Path
+
+    from optipfair.io import DTYPES
+    from optipfair.streaming import stored_dtype
+
+    if choice != "auto":
+        return DTYPES[choice]
+    if (Path(model_path) / "config.json").is_file():
+        return stored_dtype(model_path)
+    return None if model is None else next(model.parameters()).dtype
+
+
 def _prune_out_of_core(model_path, output_path, options, device, dtype, trust_remote_code, calibration_source,
                        show_progress) -> Dict[str, Any]:
     from pathlib import Path
 
-    from optipfair.io import resolve_device
+    from optipfair.io import load_tokenizer, resolve_device
     from optipfair.streaming import prune_checkpoint
 
     if not (Path(model_path) / "config.json").is_file():
@@ -233,13 +253,7 @@ def _prune_out_of_core(model_path, output_path, options, device, dtype, trust_re
         raise OptiPFairError("--trust-remote-code: out-of-core pruning supports built-in transformers models only")
     calibration = None
     if options.needs_calibration:
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(model_path)
-        except (OSError, ValueError):
-            tokenizer = None
-        calibration = _calibration_data(tokenizer, *calibration_source)
+        calibration = _calibration_data(load_tokenizer(model_path), *calibration_source)
     return prune_checkpoint(model_path, output_path, options, calibration_data=calibration,
                             show_progress=show_progress, device=resolve_device(device))
 
@@ -291,7 +305,10 @@ def heal(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the result (with the loss of every step) as JSON."),
 ) -> None:
-    """Heal a pruned model: train it to match its unpruned teacher, then save it atomically to --output-path."""
+    """Heal a pruned model: train it to match its unpruned teacher, then save it atomically to --output-path.
+
+    The healed model is saved in the pruned model's own dtype (trained in float32 whatever it is).
+    """
     from optipfair.healing import HealOptions, check_tokenizers
     from optipfair.healing import heal as heal_with
     from optipfair.io import check_output_path, load_model, save_model
@@ -319,7 +336,7 @@ def heal(
         except OptionError as error:  # train=lora without peft
             raise OptiPFairError(f"{_flag(error.field)}: {error.problem}") from None
         del teacher
-        save_model(student, tokenizer, output_path)
+        save_model(student, tokenizer, output_path, dtype=_saved_dtype("auto", model_path, None))
         summary = {
             "output_path": str(output_path), "model_path": model_path, "teacher_path": teacher_path,
             "steps": result.steps, "tokens": result.tokens, "seconds": round(result.seconds, 2),

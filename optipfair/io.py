@@ -16,6 +16,7 @@ from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
+from optipfair.data import check_bos
 from optipfair.errors import OptiPFairError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -81,18 +82,32 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
-        tokenizer = None
+        return model, None
+    _check_bos(tokenizer, model.config, path)
     return model, tokenizer
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
-    """The tokenizer saved with a model, or an OptiPFairError saying the directory has none."""
-    from transformers import AutoTokenizer
+    """The tokenizer saved with a model, checked against the model's config.json (`optipfair.data.check_bos`).
+
+    Raises an OptiPFairError when the directory has none, or when it and the config disagree about BOS.
+    """
+    from transformers import AutoConfig, AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         raise OptiPFairError(f"{path} has no usable tokenizer ({str(error).splitlines()[0]})") from None
+    if (Path(path) / "config.json").is_file():
+        _check_bos(tokenizer, AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code), path)
+    return tokenizer
+
+
+def _check_bos(tokenizer, config, path) -> None:
+    folder = Path(path)
+    tokenizer_file = next((str(folder / name) for name in ("tokenizer_config.json", "tokenizer.json")
+                           if (folder / name).is_file()), f"the tokenizer of {path}")
+    check_bos(tokenizer, config, tokenizer_file, str(folder / "config.json"))
 
 
 def load_skeleton(path: str, trust_remote_code: bool = False) -> torch.nn.Module:
@@ -281,9 +296,14 @@ def _check_writable(target: Path) -> None:
         raise OptiPFairError(f"cannot write {target}: {existing} is not writable ({error.strerror}); choose another path") from None
 
 
-def save_model(model, tokenizer, output_path: str) -> Path:
-    """Save model (safetensors) and tokenizer to `output_path` atomically (see `staged_directory`)."""
+def save_model(model, tokenizer, output_path: str, dtype: Optional[torch.dtype] = None) -> Path:
+    """Save model (safetensors) and tokenizer to `output_path` atomically (see `staged_directory`).
+
+    `dtype`: the dtype of the saved weights (the model is cast to it in place); None keeps the model's.
+    """
     target = check_output_path(output_path)
+    if dtype is not None:
+        model.to(dtype)
     tensors = {id(t): t for t in model.state_dict(keep_vars=True).values()}.values()  # tied ones once, as saved
     with staged_directory(target, needed_bytes=sum(t.numel() * t.element_size() for t in tensors)) as staging:
         model.save_pretrained(staging, safe_serialization=True)

@@ -324,6 +324,20 @@ def in_memory_bytes(model_path: str | Path, dtype: torch.dtype = torch.float32) 
     return sum(math.prod(shape) for shape in shapes) * torch.tensor([], dtype=dtype).element_size()
 
 
+def stored_dtype(model_path: str | Path) -> torch.dtype:
+    """The dtype the checkpoint's floating-point weights are stored in (the one holding most of their values).
+
+    Pruned and healed models are saved in it, whatever dtype the work ran in: a bf16 checkpoint's
+    variants stay bf16, so they are smaller on disk than their base.
+    """
+    checkpoint = _Checkpoint(Path(model_path))
+    values: Dict[torch.dtype, int] = {}
+    for name, dtype in checkpoint.dtypes.items():
+        if dtype.is_floating_point:
+            values[dtype] = values.get(dtype, 0) + math.prod(checkpoint.shapes[name])
+    return max(values, key=values.get) if values else torch.float32
+
+
 def fits_in_memory(model_path: str | Path, dtype: torch.dtype, budget_gib: Optional[float] = None,
                    device: str = "cpu") -> bool:
     """Whether the checkpoint's weights in `dtype` fit `budget_gib` (see `memory_budget_bytes`)."""

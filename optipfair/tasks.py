@@ -21,6 +21,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
+from optipfair.data import window_start
 from optipfair.errors import OptiPFairError, OptionError
 
 NOT_INSTALLED = "lm-eval is not installed: pip install -e '.[tasks]'"
@@ -116,7 +117,10 @@ def run_tasks(
             raise TaskError(f"task file {options.task} does not exist")
         if not options.is_file and options.task not in manager.all_tasks:
             raise TaskError(f"lm-eval knows no task {options.task!r}; list them with `lm-eval ls tasks`")
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    # Requests start as the perplexity windows do (optipfair.data.window_start): with BOS exactly when
+    # the tokenizer adds one. lm-eval 0.4 would follow the tokenizer too; saying it keeps the two in step.
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+              add_bos_token=bool(window_start(tokenizer)))
     results = {}
     for options in tasks:
         try:

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict
 
-from optipfair.io import resolve_device, resolve_dtype
-from optipfair.streaming import in_memory_bytes, memory_budget_bytes
+import torch
+
+from optipfair.io import DTYPES, resolve_device, resolve_dtype
+from optipfair.streaming import in_memory_bytes, memory_budget_bytes, stored_dtype
 
 
 @dataclass(frozen=True)
@@ -32,3 +34,12 @@ def placement(compute: Dict[str, Any], *model_dirs: Path) -> Placement:
     needed = sum(in_memory_bytes(folder, dtype) for folder in model_dirs)
     budget = memory_budget_bytes(compute["memory_budget_gib"], device)
     return Placement(device, str(dtype).removeprefix("torch."), needed > budget, needed, budget)
+
+
+def save_dtype(compute: Dict[str, Any], base_dir: Path) -> torch.dtype:
+    """The dtype variants and healed models are saved in: `compute.save_dtype`, or (auto) the base checkpoint's own.
+
+    Whatever dtype the work ran in: a bf16 checkpoint pruned in float32 on a CPU still gives bf16
+    variants, smaller on disk than their base in the ratio of their parameters.
+    """
+    return stored_dtype(base_dir) if compute["save_dtype"] == "auto" else DTYPES[compute["save_dtype"]]

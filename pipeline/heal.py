@@ -2,8 +2,8 @@
 
 The student is models/<variant>, the teacher models/base; both are read in float32, whatever they
 were saved in, and trained on `compute.device` (the library uses bf16 autocast on a GPU). The healed
-model is saved in `compute.dtype`, as the pruned variants are (bf16 files on a GPU). The training text is the
-calibration part of `data:` (never the evaluation part, so the healed model's perplexity is measured
+model is saved in `compute.save_dtype`, as the pruned variants are (auto: the base checkpoint's own
+dtype). The training text is the calibration part of `data:` (never the evaluation part, so the healed model's perplexity is measured
 on text it did not train on). The healed model goes to models/<variant>+healed; its loss curve,
 steps and tokens go to reports/heal/<variant>.json, a DVC plot that the track stage also logs to
 MLflow as step metrics.
@@ -16,8 +16,9 @@ from dataclasses import asdict
 from optipfair.data import token_windows
 from optipfair.errors import OptionError
 from optipfair.healing import heal
-from optipfair.io import load_model, resolve_device, resolve_dtype, save_model
+from optipfair.io import load_model, resolve_device, save_model
 from pipeline import layout
+from pipeline.compute import save_dtype
 from pipeline.params import BASE_NAME, Params, ParamsError, healed_name
 from pipeline.texts import load_texts
 
@@ -46,7 +47,7 @@ def run(params: Params, name: str) -> dict:
         "loss": [{"step": step, "loss": loss} for step, loss in enumerate(result.losses)],
     }
     # The model first: a record without its model would claim a training that left nothing.
-    student.to(resolve_dtype(params.compute["dtype"], device))
-    save_model(student, tokenizer, str(layout.model_dir(healed_name(name))))
+    save_model(student, tokenizer, str(layout.model_dir(healed_name(name))),
+               dtype=save_dtype(params.compute, layout.model_dir(BASE_NAME)))
     layout.write_json_atomic(layout.heal_file(name), record)
     return {**record, "seconds": round(result.seconds, 2)}

@@ -157,7 +157,9 @@ EVALUATE = {
 }
 TRACKING = {"experiment": (False, "optipfair")}
 # Where prune and evaluate run a model (see params.yaml). None: 80 % of the memory available when the stage starts.
-COMPUTE = {"device": (False, "auto"), "dtype": (False, "auto"), "memory_budget_gib": (False, None)}
+# save_dtype: what variants and healed models are written in; auto: the base checkpoint's own dtype.
+COMPUTE = {"device": (False, "auto"), "dtype": (False, "auto"), "save_dtype": (False, "auto"),
+           "memory_budget_gib": (False, None)}
 VARIANT_FIELDS = [f.name for f in fields(PruningOptions)]
 HEAL_FIELDS = [f.name for f in fields(HealOptions)]
 
@@ -231,7 +233,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 
 def _check_compute(compute: Dict[str, Any], where: str) -> None:
     """A device that does not exist here, or an unknown dtype, stops the pipeline before any stage works."""
-    from optipfair.io import resolve_device, resolve_dtype
+    from optipfair.io import DTYPES, resolve_device, resolve_dtype
 
     device = compute["device"]
     try:
@@ -239,6 +241,9 @@ def _check_compute(compute: Dict[str, Any], where: str) -> None:
     except OptiPFairError as error:
         field = "compute.dtype" if "dtype" in str(error) else "compute.device"
         raise _fail(where, field, str(error)) from None
+    if compute["save_dtype"] not in ("auto", *DTYPES):
+        raise _fail(where, "compute.save_dtype", f"models can be saved in {', '.join(DTYPES)} (auto: the base "
+                                                 f"checkpoint's own dtype), got {compute['save_dtype']!r}")
     budget = compute["memory_budget_gib"]
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0):
         raise _fail(where, "compute.memory_budget_gib", f"must be a positive number of GiB (or absent), got {budget!r}")

@@ -67,10 +67,14 @@ def make_tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
     return model.eval()
 
 
-def make_tiny_tokenizer():
-    """A byte-level BPE tokenizer trained in-process on Python's docs (no download)."""
+def make_tiny_tokenizer(adds_bos: bool = False):
+    """A byte-level BPE tokenizer trained in-process on Python's docs (no download).
+
+    `adds_bos`: it puts `<s>` before every text when asked to add special tokens (as Llama 3's,
+    Gemma's and Mistral's do); otherwise it adds nothing (as SmolLM2's and Qwen's).
+    """
     from pydoc_data.topics import topics
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -84,6 +88,8 @@ def make_tiny_tokenizer():
     )
     text = list(topics.values())[:50]
     tokenizer.train_from_iterator(text, trainer)
+    if adds_bos:
+        tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
@@ -92,6 +98,11 @@ def make_tiny_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return make_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def bos_tokenizer():
+    return make_tiny_tokenizer(adds_bos=True)
 
 
 @pytest.fixture

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from optipfair import OptiPFairError
-from optipfair.data import check_text_file, default_texts, split_topic_names, text_from_file, token_windows
+from optipfair.data import (check_text_file, default_texts, split_topic_names, text_from_file, token_windows,
+                            window_start)
 
 
 def test_default_texts_are_disjoint_deterministic_and_substantial():
@@ -24,6 +25,30 @@ def test_token_windows_shape_and_budget(tiny_tokenizer):
     assert windows.shape == (15, 64) and windows.dtype == torch.long
     expected = tiny_tokenizer(default_texts()[1][:20000], add_special_tokens=False)["input_ids"][:64]
     assert windows[0].tolist() == expected
+
+
+def test_a_window_starts_with_bos_exactly_when_the_tokenizer_adds_one(tiny_tokenizer, bos_tokenizer):
+    assert window_start(tiny_tokenizer) == []
+    assert window_start(bos_tokenizer) == [bos_tokenizer.bos_token_id] == [1]
+
+
+def test_bos_windows_are_bos_then_the_text_in_order(bos_tokenizer):
+    text = default_texts()[1]
+    windows = token_windows(bos_tokenizer, text, num_tokens=1000, seq_len=64)
+    assert windows.shape == (15, 64)
+    assert windows[:, 0].tolist() == [1] * 15
+    ids = bos_tokenizer(text[:30000], add_special_tokens=False)["input_ids"]
+    assert windows[:, 1:].flatten().tolist() == ids[: 15 * 63]
+    assert 1 not in windows[:, 1:].tolist()  # BOS only where a text begins, never inside one
+
+
+def test_without_bos_the_windows_are_the_texts_first_tokens(tiny_tokenizer, bos_tokenizer):
+    """The same text cut for a tokenizer without BOS: no start token, seq_len text tokens per window."""
+    text = default_texts()[1]
+    plain = token_windows(tiny_tokenizer, text, num_tokens=1000, seq_len=64)
+    ids = tiny_tokenizer(text[:30000], add_special_tokens=False)["input_ids"]
+    assert plain.flatten().tolist() == ids[: 15 * 64]
+    assert not torch.equal(plain, token_windows(bos_tokenizer, text, num_tokens=1000, seq_len=64))
 
 
 def test_too_little_text_is_an_error(tiny_tokenizer):

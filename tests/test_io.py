@@ -13,13 +13,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from optipfair import OptiPFairError
 from optipfair.cli import app as cli_app
-from optipfair.io import load_model, remove_stale_staging, save_model, verify_checkpoint
+from optipfair.io import load_model, load_tokenizer, remove_stale_staging, save_model, verify_checkpoint
 from conftest import make_tiny_model
 
 
@@ -298,3 +299,58 @@ def test_outputs_get_the_usual_modes_not_private_ones(tmp_path, tiny_tokenizer, 
     assert stat.S_IMODE((tmp_path / "pruned").stat().st_mode) == 0o777 & ~umask
     files = list((tmp_path / "pruned").iterdir()) + [tmp_path / "reports" / "analysis.json"]
     assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in files} == {f.name: 0o666 & ~umask for f in files}
+
+
+def _saved(tmp_path, tokenizer, **config):
+    folder = tmp_path / "model"
+    make_tiny_model("llama", **config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_bos_outside_the_vocabulary_is_one_line_naming_both_files(tmp_path, bos_tokenizer):
+    """A tokenizer_config.json that declares a BOS its vocabulary lacks (transformers then appends it as a new id)."""
+    folder = _saved(tmp_path, bos_tokenizer, vocab_size=len(bos_tokenizer))
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**settings, "bos_token": "<bos>"}))
+    for load in (lambda: load_tokenizer(folder), lambda: load_model(str(folder))):
+        with pytest.raises(OptiPFairError) as error:
+            load()
+        message = str(error.value)
+        assert "'<bos>'" in message and "not in the model's vocabulary" in message and "\n" not in message
+        assert f"{folder}/tokenizer_config.json" in message and f"{folder}/config.json" in message
+
+
+def test_a_config_and_tokenizer_that_disagree_about_bos_are_one_line_naming_both_files(tmp_path, bos_tokenizer):
+    folder = _saved(tmp_path, bos_tokenizer, bos_token_id=2)  # the tokenizer adds <s>, id 1
+    with pytest.raises(OptiPFairError, match="disagree about BOS") as error:
+        load_tokenizer(folder)
+    assert f"{folder}/tokenizer_config.json" in str(error.value) and f"{folder}/config.json" in str(error.value)
+    # The command line says it before any work, in one line.
+    result = CliRunner().invoke(cli_app, ["prune", "--model-path", str(folder), "--output-path", str(tmp_path / "out"),
+                                          "--method", "AUTO", "--quiet"])
+    assert result.exit_code == 1 and "disagree about BOS" in result.output and not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_without_bos_passes_whatever_bos_the_config_names(tmp_path, tiny_tokenizer):
+    """Qwen's config names a bos_token_id, its tokenizer adds none: not a disagreement."""
+    load_tokenizer(_saved(tmp_path, tiny_tokenizer, bos_token_id=7))
+
+
+def test_a_bf16_checkpoint_is_saved_in_bf16_whatever_it_was_pruned_in(tmp_path, tiny_tokenizer):
+    """In the ratio of the parameter counts: the saved variant is the base's dtype, not the float32 it ran in."""
+    source = tmp_path / "base"
+    make_tiny_model("llama", hidden_size=128, intermediate_size=512, vocab_size=len(tiny_tokenizer)).to(
+        torch.bfloat16).save_pretrained(source)
+    tiny_tokenizer.save_pretrained(source)
+    result = CliRunner().invoke(cli_app, ["prune", "--model-path", str(source), "--output-path", str(tmp_path / "out"),
+                                          "--pruning-percentage", "50", "--device", "cpu", "--quiet"])
+    assert result.exit_code == 0, result.output
+    base, pruned = (load_file(str(folder / "model.safetensors")) for folder in (source, tmp_path / "out"))
+    assert {t.dtype for t in pruned.values()} == {torch.bfloat16}
+    size = lambda folder: (folder / "model.safetensors").stat().st_size  # noqa: E731
+    count = lambda tensors: sum(t.numel() for t in tensors.values())  # noqa: E731
+    assert size(tmp_path / "out") / size(source) == pytest.approx(count(pruned) / count(base), rel=0.01)
+    assert count(pruned) < 0.8 * count(base)
+    loaded, _ = load_model(str(tmp_path / "out"), dtype="auto")  # float32 on the CPU, from bf16 weights
+    assert next(loaded.parameters()).dtype == torch.float32

@@ -8,6 +8,8 @@ from typing import Any, Dict, List
 
 import torch
 
+from optipfair.data import window_start
+
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
@@ -74,7 +76,9 @@ def time_inference(
     if num_runs < 1:
         raise ValueError("num_runs must be at least 1")
     device = _device(model)
-    inputs = tokenizer(prompt, return_tensors="pt").to(device)
+    # The prompt starts as the model's texts start (BOS where the tokenizer adds one), as the windows do.
+    ids = torch.tensor([window_start(tokenizer) + tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+    inputs = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     settings = dict(
         max_new_tokens=max_new_tokens,
