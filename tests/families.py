@@ -28,6 +28,7 @@ own code:
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Optional, Tuple
@@ -63,6 +64,9 @@ class Family:
     # config.bos_token_id when the tokenizer has no BOS token (Qwen's config names `<|endoftext|>`).
     config_bos: Optional[str] = None
     config: dict = field(default_factory=dict)
+    # tokenizer_config.json entries of the published files that this transformers' save_pretrained
+    # writes otherwise or drops (it never writes add_bos_token): loading then takes the users' path.
+    published: dict = field(default_factory=dict)
 
 
 _SPECS = {
@@ -75,6 +79,7 @@ _SPECS = {
             rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=32.0, low_freq_factor=1.0,
                                  high_freq_factor=4.0, original_max_position_embeddings=8192),
         ),
+        published=dict(tokenizer_class="PreTrainedTokenizerFast"),
     ),
     "gemma2": Family(
         "gemma2", "Gemma2ForCausalLM", "gemma", adds_bos=True,
@@ -85,6 +90,7 @@ _SPECS = {
             sliding_window=16, layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=30.0,
             attn_logit_softcapping=50.0, max_position_embeddings=8192,
         ),
+        published=dict(add_bos_token=True, add_eos_token=False),
     ),
     "gemma3": Family(
         "gemma3_text", "Gemma3ForCausalLM", "gemma", adds_bos=True,
@@ -94,11 +100,13 @@ _SPECS = {
             num_hidden_layers=6, head_dim=16, query_pre_attn_scalar=16, hidden_activation="gelu_pytorch_tanh",
             tie_word_embeddings=True, sliding_window=16, sliding_window_pattern=6, max_position_embeddings=32768,
         ),
+        published=dict(add_bos_token=True, add_eos_token=False),
     ),
     "mistral": Family(
         "mistral", "MistralForCausalLM", "mistral", adds_bos=True, first=("<unk>", "<s>", "</s>"),
         bos="<s>", eos="</s>", unk="<unk>",
         config=dict(sliding_window=None, tie_word_embeddings=False, rope_theta=1000000.0, max_position_embeddings=32768),
+        published=dict(add_bos_token=True, add_eos_token=False),
     ),
     "qwen2": Family(
         "qwen2", "Qwen2ForCausalLM", "qwen", adds_bos=False, last=("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
@@ -149,8 +157,6 @@ def _training_text():
 
 def _trained(model, normalizer, pre_tokenizer, trainer_kwargs):
     """(vocab, merges) of a BPE trained on the docs with this normalizer and pre-tokenizer."""
-    import json
-
     from tokenizers import Tokenizer, trainers
 
     tokenizer = Tokenizer(model)
@@ -272,4 +278,9 @@ def save_family_model(name: str, directory: Path, dtype: torch.dtype = torch.flo
                     parameter.normal_(0, 0.2)
     model.to(dtype).save_pretrained(directory)
     family_tokenizer(name).save_pretrained(directory)
+    published = family(name).published
+    if published:
+        config_file = directory / "tokenizer_config.json"
+        entries = {**json.loads(config_file.read_text(encoding="utf-8")), **published}
+        config_file.write_text(json.dumps(entries, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return directory
