@@ -42,17 +42,23 @@ _SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_at
 
 # The split regexes of the real tokenizer.json files (Llama 3 splits digits by three, Qwen one by one).
 _LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_QWEN_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_QWEN_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _BYTES = tuple(f"<0x{byte:02X}>" for byte in range(256))  # sentencepiece's byte-fallback pieces
 
 
 @dataclass(frozen=True)
 class Family:
+    """One family's conventions: architecture, tokenizer layout and special tokens, config settings."""
+
     model_type: str
     architecture: str
-    tokenizer: str  # how the tokenizer is built: see _build_tokenizer
+    tokenizer: str  # how the tokenizer is built: see family_tokenizer
     adds_bos: bool
     # Special tokens: `first` take ids 0, 1, ... before the learned vocabulary, `last` follow it.
     first: Tuple[str, ...] = ()
@@ -65,7 +71,9 @@ class Family:
     config_bos: Optional[str] = None
     config: dict = field(default_factory=dict)
     # tokenizer_config.json entries of the published files that this transformers' save_pretrained
-    # writes otherwise or drops (it never writes add_bos_token): loading then takes the users' path.
+    # writes otherwise or drops, so the files read as the users' do. transformers 5 ignores
+    # add_bos_token when a tokenizer.json is there (its post-processor decides, and
+    # `tokenizer.add_bos_token` then reads False even for Gemma): BOS is known only by encoding.
     published: dict = field(default_factory=dict)
 
 
@@ -105,7 +113,8 @@ _SPECS = {
     "mistral": Family(
         "mistral", "MistralForCausalLM", "mistral", adds_bos=True, first=("<unk>", "<s>", "</s>"),
         bos="<s>", eos="</s>", unk="<unk>",
-        config=dict(sliding_window=None, tie_word_embeddings=False, rope_theta=1000000.0, max_position_embeddings=32768),
+        config=dict(sliding_window=None, tie_word_embeddings=False, rope_theta=1000000.0,
+                    max_position_embeddings=32768),
         published=dict(add_bos_token=True, add_eos_token=False),
     ),
     "qwen2": Family(
@@ -186,7 +195,8 @@ def _byte_level(spec: Family, split: Optional[str]):
 
     pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split is None)
     if split is not None:
-        pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"), pre_tokenizer])
+        split = pre_tokenizers.Split(Regex(split), behavior="isolated")
+        pre_tokenizer = pre_tokenizers.Sequence([split, pre_tokenizer])
     return _trained(
         models.BPE(), None, pre_tokenizer,
         dict(vocab_size=VOCAB_SIZE - len(spec.last) - 16, special_tokens=list(spec.first),
@@ -236,7 +246,9 @@ def family_tokenizer(name: str):
         tokenizer = GemmaTokenizer(vocab=_with_last(vocab, spec), merges=merges, add_bos_token=True, **specials)
     elif spec.tokenizer == "mistral":
         vocab, merges = _sentencepiece_like(spec, None, pre_tokenizers.Metaspace(prepend_scheme="first"))
-        tokenizer = LlamaTokenizer(vocab=_with_last(vocab, spec), merges=merges, add_bos_token=True, legacy=False, **specials)
+        tokenizer = LlamaTokenizer(
+            vocab=_with_last(vocab, spec), merges=merges, add_bos_token=True, legacy=False, **specials
+        )
     elif spec.tokenizer == "qwen":
         vocab, merges = _byte_level(spec, _QWEN_SPLIT)
         tokenizer = Qwen2Tokenizer(vocab=_with_last(vocab, spec), merges=merges, **specials)
