@@ -13,6 +13,8 @@ import pytest
 import torch
 import yaml
 
+from families import FAMILIES, FamilyModel, save_family_model
+
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -117,6 +119,13 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     make_tiny_model("llama", intermediate_size=128).save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def family_model(request, tmp_path_factory) -> FamilyModel:
+    """A tiny saved checkpoint of each model family users prune, tokenizer as the family's (tests/families.py)."""
+    name = request.param
+    return FamilyModel(name, save_family_model(name, tmp_path_factory.mktemp("families") / name))
 
 
 ROOT = Path(__file__).resolve().parents[1]
