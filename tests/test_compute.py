@@ -77,6 +77,7 @@ def test_models_over_the_memory_budget_are_pruned_and_evaluated_out_of_core(proj
     ({"device": "cuda:7"}, "compute.device", "device cuda:7 asked for, but this machine has"),
     ({"device": "tpu"}, "compute.device", "unknown device 'tpu'"),
     ({"dtype": "float8"}, "compute.dtype", "unknown dtype 'float8'"),
+    ({"save_dtype": "float64"}, "compute.save_dtype", "models can be saved in float32, float16, bfloat16"),
     ({"memory_budget_gib": 0}, "compute.memory_budget_gib", "must be a positive number of GiB"),
     ({"memory_budget_gib": "lots"}, "compute.memory_budget_gib", "must be a positive number of GiB"),
     ({"devices": "cpu"}, "compute.devices", "unknown field"),

@@ -155,16 +155,20 @@ def test_editing_only_the_heal_block_reheals_without_pruning_again(project):
     assert rates == ["0.001", "0.003"]
 
 
-def test_the_healed_model_is_saved_in_the_compute_dtype_like_its_variant(project):
+def test_the_healed_model_is_saved_like_its_variant_in_the_base_dtype_unless_asked_otherwise(project):
     from safetensors import safe_open
 
-    _edit_params(project, lambda params: params.update(compute={"dtype": "bfloat16"}))
-    ran, done = repro(project, "heal@vow-50")
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert {"prune@vow-50", "heal@vow-50"} <= ran
-    for name in ("vow-50", "vow-50+healed"):
+    def stored(name):
         with safe_open(project / "models" / name / "model.safetensors", "pt") as weights:
-            assert {weights.get_slice(key).get_dtype() for key in weights.keys()} == {"BF16"}, name
+            return {weights.get_slice(key).get_dtype() for key in weights.keys()}
+
+    # Run in bf16, saved in the base checkpoint's own float32; then saved in bf16 because params.yaml asks.
+    for compute, saved in (({"dtype": "bfloat16"}, {"F32"}), ({"dtype": "bfloat16", "save_dtype": "bfloat16"}, {"BF16"})):
+        _edit_params(project, lambda params: params.update(compute=compute))
+        ran, done = repro(project, "heal@vow-50")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert {"prune@vow-50", "heal@vow-50"} <= ran
+        assert stored("vow-50") == stored("vow-50+healed") == saved
 
 
 def test_healing_nothing_is_heal_colon_empty_and_drops_the_healed_rows(project):

@@ -7,13 +7,16 @@ adds none (SmolLM2's, Qwen's). Both tokenizers split text the same way, so BOS i
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import make_tiny_model
 from optipfair import PruningOptions, prune
@@ -21,6 +24,7 @@ from optipfair.data import default_texts, token_windows
 from optipfair.evaluation.benchmarks import time_inference, time_prefill
 from optipfair.evaluation.perplexity import perplexity
 from optipfair.healing import HealOptions, heal
+from optipfair.io import load_tokenizer
 from optipfair.streaming import perplexity_checkpoint, prune_checkpoint
 
 CLOZE_TASK = Path(__file__).resolve().parents[1] / "tasks" / "everyday_cloze.yaml"
@@ -115,3 +119,112 @@ def test_perplexity_equals_an_independent_computation_of_bos_and_511_text_tokens
 
     assert perplexity(model, windows) == pytest.approx(independent, rel=1e-3)
     assert perplexity_checkpoint(tmp_path / "model", windows, show_progress=False) == pytest.approx(independent, rel=1e-3)
+
+
+def test_each_family_windows_start_as_its_authors_run_it(family_model):
+    """Llama 3, Gemma 2/3 and Mistral windows start with their BOS; Qwen's and SmolLM2's with text."""
+    from families import family_adds_bos
+
+    tokenizer = load_tokenizer(family_model.path)  # also checks tokenizer and config.json agree about BOS
+    windows = token_windows(tokenizer, default_texts()[1], 4 * 64, 64)
+    starts = set(windows[:, 0].tolist())
+    if family_adds_bos(family_model.family):
+        assert starts == {AutoConfig.from_pretrained(family_model.path).bos_token_id} == {tokenizer.bos_token_id}
+    else:
+        assert tokenizer.bos_token_id not in windows.flatten().tolist()
+
+
+def test_each_family_perplexity_equals_transformers_own_loss_on_windows_built_from_the_raw_text(family_model):
+    from families import family_adds_bos
+
+    tokenizer = load_tokenizer(family_model.path)
+    model = AutoModelForCausalLM.from_pretrained(family_model.path).eval()
+    text = default_texts()[1]
+    windows = token_windows(tokenizer, text, 4 * 64, 64)
+    start = [tokenizer.bos_token_id] if family_adds_bos(family_model.family) else []
+    body = 64 - len(start)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    independent_windows = [torch.tensor([start + ids[k * body:(k + 1) * body]]) for k in range(4)]
+    with torch.no_grad():
+        total = sum(model(input_ids=window, labels=window).loss.item() * 63 for window in independent_windows)
+    assert torch.equal(windows, torch.cat(independent_windows))
+    assert perplexity(model, windows) == pytest.approx(math.exp(total / (4 * 63)), rel=1e-3)
+
+
+def test_each_family_lm_eval_requests_start_as_its_windows_do(family_model):
+    from families import family_adds_bos
+    from optipfair.tasks import TaskOptions, run_tasks
+
+    tokenizer = load_tokenizer(family_model.path)
+    model = AutoModelForCausalLM.from_pretrained(family_model.path).eval()
+    with fed_rows(model) as rows:
+        run_tasks(model, tokenizer, [TaskOptions(str(CLOZE_TASK), limit=2)])
+    bos = tokenizer.bos_token_id
+    assert rows and all((row[0] == bos) == family_adds_bos(family_model.family) for row in rows)
+
+
+@contextmanager
+def embedded_rows():
+    """Every row of token ids any embedding in this process reads, whichever code loaded the model."""
+    rows = []
+
+    def record(module, args):
+        if isinstance(module, torch.nn.Embedding) and args and isinstance(args[0], torch.Tensor):
+            rows.extend(args[0].tolist())
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        yield rows
+    finally:
+        hook.remove()
+
+
+def test_the_pipeline_runs_a_bf16_gemma3_with_bos_everywhere_and_saves_bf16_variants(tmp_path, monkeypatch):
+    """prune, heal and evaluate stages on a bf16 Gemma-3-shaped checkpoint, as a user brings one."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from conftest import ROOT
+    from families import save_family_model
+    from pipeline.cli import app
+
+    save_family_model("gemma3", tmp_path / "models" / "base", dtype=torch.bfloat16)
+    shutil.copytree(ROOT / "tasks", tmp_path / "tasks")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({
+        "base": {"source": "local", "path": str(tmp_path / "models" / "base")},
+        "data": {"source": "default"},
+        "calibration": {"num_tokens": 256, "seq_len": 64},
+        "evaluate": {"num_tokens": 256, "seq_len": 64, "prompt": "def f(x):", "max_new_tokens": 2, "num_runs": 1,
+                     "warmup_runs": 0, "tasks": [{"task": "tasks/everyday_cloze.yaml", "limit": 2}]},
+        "variants": {"auto-50": {"method": "AUTO", "pruning_percentage": 50}},
+        "heal": {"auto-50": {"num_tokens": 128, "seq_len": 64}},
+    }))
+    monkeypatch.chdir(tmp_path)
+    with embedded_rows() as rows:
+        for stage in (["prune", "--variant", "auto-50"], ["heal", "--variant", "auto-50"],
+                      ["evaluate", "--variant", "base"], ["evaluate", "--variant", "auto-50+healed"]):
+            result = CliRunner().invoke(app, stage)
+            assert result.exit_code == 0, result.output
+    # <bos> is id 2 in Gemma's vocabulary. Rows of one token are generation's steps after the prompt.
+    assert rows and all(row[0] == 2 for row in rows if len(row) > 1), [row[:3] for row in rows if row[0] != 2]
+
+    def weights(name):
+        tensors = load_file(str(tmp_path / "models" / name / "model.safetensors"))
+        return {t.dtype for t in tensors.values()}, sum(t.numel() for t in tensors.values())
+
+    (base_dtypes, base_count), (healed_dtypes, healed_count) = weights("base"), weights("auto-50+healed")
+    assert base_dtypes == healed_dtypes == weights("auto-50")[0] == {torch.bfloat16}
+    metrics = {name: json.loads((tmp_path / "reports" / "metrics" / f"{name}.json").read_text())
+               for name in ("base", "auto-50+healed")}
+    size = lambda name: (tmp_path / "models" / name / "model.safetensors").stat().st_size  # noqa: E731
+    assert size("auto-50+healed") / size("base") == pytest.approx(healed_count / base_count, rel=0.01)
+    assert metrics["auto-50+healed"]["size_mb"] < 0.8 * metrics["base"]["size_mb"]
+
+    # The base's perplexity, against transformers' loss on <bos> + 63 tokens of the evaluation text.
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "models" / "base", dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(tmp_path / "models" / "base")
+    ids = tokenizer(default_texts()[1], add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        total = sum(model(input_ids=window, labels=window).loss.item() * 63
+                    for window in (torch.tensor([[2] + ids[k * 63:(k + 1) * 63]]) for k in range(4)))
+    assert metrics["base"]["perplexity"] == pytest.approx(math.exp(total / (4 * 63)), rel=1e-3)
