@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 from optipfair.errors import OptiPFairError
-from optipfair.io import save_tokenizer, staged_directory, verify_checkpoint
+from optipfair.io import load_tokenizer, save_tokenizer, staged_directory, verify_checkpoint
 from pipeline import layout
 from pipeline.params import BASE_NAME, Params
 
@@ -173,5 +173,7 @@ def _verify(folder: Path, what: str, field: str) -> None:
     """The checkpoint is whole and matches its config (see verify_checkpoint), or one line naming `field`."""
     try:
         verify_checkpoint(folder, label=what)
+        if any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+            load_tokenizer(folder)  # a BOS the model cannot read, or that config.json does not name: refused now
     except OptiPFairError as error:
         raise SourceError(f"{field}: {error}") from None

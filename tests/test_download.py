@@ -228,6 +228,16 @@ def test_a_shard_index_naming_a_missing_file_is_refused(project, local_model):
                    f"base.path: {local_model}/model.safetensors.index.json names {missing.name}, which is not in")
 
 
+def test_a_tokenizer_that_disagrees_with_the_config_about_bos_is_refused_before_the_copy(project, tmp_path,
+                                                                                         bos_tokenizer):
+    source = tmp_path / "mismatched"
+    make_tiny_model("llama", bos_token_id=2).save_pretrained(source)  # the tokenizer adds <s>, id 1
+    bos_tokenizer.save_pretrained(source)
+    assert_refused(download(project, {"source": "local", "path": str(source)}), project,
+                   f"base.path: {source}/tokenizer_config.json starts every text with token id 1",
+                   f"but {source}/config.json says bos_token_id 2")
+
+
 def test_pickled_weights_only_is_one_line(project, tmp_path):
     source = tmp_path / "pickled"
     model = make_tiny_model("llama")
