@@ -52,21 +52,16 @@ SHAPES = {"llama-3.1-8b": ("Llama-3.1-8B", LLAMA_31_8B), "llama-3.2-1b": ("Llama
 
 def worker(job: dict) -> None:
     """One pruning as `job` says; prints a JSON line with the pruning's own seconds."""
-    from optipfair import PruningOptions, prune
-    from optipfair.io import load_model, save_model
-    from optipfair.streaming import prune_checkpoint
+    from optipfair import PruningOptions
+    from optipfair.engine import place, prune_directory
 
     if job["mode"].startswith("perplexity"):
         return perplexity_worker(job)
     options = PruningOptions(method=job["method"], pruning_percentage=job["percentage"])
     calibration = torch.load(job["calibration"]) if options.needs_calibration else None
     start = time.perf_counter()
-    if job["mode"] == "memory":
-        model, tokenizer = load_model(job["model"], dtype="float32")
-        prune(model, options, calibration_data=calibration, show_progress=False)
-        save_model(model, tokenizer, job["output"])
-    else:
-        prune_checkpoint(job["model"], job["output"], options, calibration_data=calibration, show_progress=False)
+    placement = place([job["model"]], "cpu", "float32", out_of_core=job["mode"] != "memory")
+    prune_directory(job["model"], job["output"], options, placement, calibration_data=calibration, show_progress=False)
     print(json.dumps({"seconds": time.perf_counter() - start}))
 
 

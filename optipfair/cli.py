@@ -151,8 +151,8 @@ def prune(
     as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON on stdout."),
 ) -> None:
     """Prune a model and save it (model + tokenizer) atomically to --output-path."""
-    from optipfair.core import prune as prune_with
-    from optipfair.io import check_output_path, load_model, save_model
+    from optipfair.engine import place, prune_directory
+    from optipfair.io import check_output_path, load_tokenizer
 
     try:
         try:
@@ -168,34 +168,25 @@ def prune(
             )
             if options.needs_calibration:
                 check_windows("calibration.", calibration_tokens, calibration_seq_len)
-        except OptionError as error:
-            raise OptiPFairError(f"{_flag(error.field)}: {error.problem}") from None
-        check_output_path(output_path)
-        if memory_budget is not None and not memory_budget > 0:
-            raise OptiPFairError(f"--memory-budget: must be a positive number of GiB, got {memory_budget:g}")
+            check_output_path(output_path)
+            if memory_budget is not None and not memory_budget > 0:
+                raise OptionError("memory_budget", f"must be a positive number of GiB, got {memory_budget:g}")
 
-        _quiet_transformers()
-        show_progress = verbose and not as_json
-        try:
-            out_of_core = _out_of_core(out_of_core, model_path, device, dtype.value, memory_budget)
-            if out_of_core:
-                if save_dtype != DType.auto:
-                    raise OptiPFairError(f"--save-dtype: out-of-core pruning writes the checkpoint's own dtype, got "
-                                         f"{save_dtype.value}; leave it auto")
-                stats = _prune_out_of_core(model_path, output_path, options, device, dtype.value, trust_remote_code,
-                                           (calibration_file, calibration_tokens, calibration_seq_len), show_progress)
-            else:
-                model, tokenizer = load_model(model_path, device, dtype.value, trust_remote_code)
-                calibration = None
-                if options.needs_calibration:
-                    calibration = _calibration_data(tokenizer, calibration_file, calibration_tokens, calibration_seq_len)
-                model, stats = prune_with(
-                    model, options, calibration_data=calibration, show_progress=show_progress, return_stats=True
-                )
-                save_model(model, tokenizer, output_path, dtype=_saved_dtype(save_dtype.value, model_path, model))
-        except OptionError as error:  # a width the model cannot take (round_to, expansion rate)
+            _quiet_transformers()
+            placement = place([model_path], device, dtype.value, memory_budget, out_of_core)
+            if placement.out_of_core and dtype != DType.auto:
+                raise OptionError("dtype", f"out-of-core pruning computes in float32 and writes the checkpoint's own "
+                                           f"dtype, got {dtype.value}; leave it auto")
+            calibration = None
+            if options.needs_calibration:
+                calibration = _calibration_data(load_tokenizer(model_path), calibration_file, calibration_tokens,
+                                                calibration_seq_len)
+            stats = prune_directory(model_path, output_path, options, placement, calibration_data=calibration,
+                                    save_dtype=save_dtype.value, show_progress=verbose and not as_json,
+                                    trust_remote_code=trust_remote_code)
+        except OptionError as error:  # a value this model or this path cannot take (round_to, rate, dtype...)
             raise OptiPFairError(f"{_flag(error.field)}: {error.problem}") from None
-        stats.update(method=options.method, output_path=str(output_path), model_path=model_path, out_of_core=out_of_core)
+        stats.update(method=options.method, output_path=str(output_path), model_path=model_path)
         if verbose or as_json:
             _print_result(stats, as_json, _prune_summary(stats))
         else:
@@ -207,55 +198,6 @@ def prune(
         _fail(str(error))
     except KeyboardInterrupt:
         _fail("interrupted; nothing was written", code=130)
-
-
-def _out_of_core(asked: Optional[bool], model_path: str, device: str, dtype: str, budget_gib: Optional[float]) -> bool:
-    """Whether to prune out of core: as asked, else when the model would not fit the memory budget."""
-    from pathlib import Path
-
-    from optipfair.io import resolve_device, resolve_dtype
-    from optipfair.streaming import fits_in_memory
-
-    if asked is not None:
-        return asked
-    if not (Path(model_path) / "config.json").is_file():
-        return False  # a Hub id: loaded in memory as before
-    device = resolve_device(device)
-    return not fits_in_memory(model_path, resolve_dtype(dtype, device), budget_gib, device)
-
-
-def _saved_dtype(choice: str, model_path: str, model):
-    """The dtype to save in: as asked, else the checkpoint's own (a Hub id: the dtype it was loaded in)."""
-    from pathlib import Path
-
-    from optipfair.io import DTYPES
-    from optipfair.streaming import stored_dtype
-
-    if choice != "auto":
-        return DTYPES[choice]
-    if (Path(model_path) / "config.json").is_file():
-        return stored_dtype(model_path)
-    return None if model is None else next(model.parameters()).dtype
-
-
-def _prune_out_of_core(model_path, output_path, options, device, dtype, trust_remote_code, calibration_source,
-                       show_progress) -> Dict[str, Any]:
-    from pathlib import Path
-
-    from optipfair.io import load_tokenizer, resolve_device
-    from optipfair.streaming import prune_checkpoint
-
-    if not (Path(model_path) / "config.json").is_file():
-        raise OptiPFairError(f"--out-of-core reads safetensors files: {model_path} is not a local model directory")
-    if dtype != "auto":
-        raise OptiPFairError(f"--dtype: out-of-core pruning writes the checkpoint's own dtype, got {dtype}; leave it auto")
-    if trust_remote_code:
-        raise OptiPFairError("--trust-remote-code: out-of-core pruning supports built-in transformers models only")
-    calibration = None
-    if options.needs_calibration:
-        calibration = _calibration_data(load_tokenizer(model_path), *calibration_source)
-    return prune_checkpoint(model_path, output_path, options, calibration_data=calibration,
-                            show_progress=show_progress, device=resolve_device(device))
 
 
 def _prune_summary(stats: Dict[str, Any]):
@@ -309,6 +251,7 @@ def heal(
 
     The healed model is saved in the pruned model's own dtype (trained in float32 whatever it is).
     """
+    from optipfair.engine import saved_dtype
     from optipfair.healing import HealOptions, check_tokenizers
     from optipfair.healing import heal as heal_with
     from optipfair.io import check_output_path, load_model, save_model
@@ -336,7 +279,7 @@ def heal(
         except OptionError as error:  # train=lora without peft
             raise OptiPFairError(f"{_flag(error.field)}: {error.problem}") from None
         del teacher
-        save_model(student, tokenizer, output_path, dtype=_saved_dtype("auto", model_path, None))
+        save_model(student, tokenizer, output_path, dtype=saved_dtype("auto", model_path))
         summary = {
             "output_path": str(output_path), "model_path": model_path, "teacher_path": teacher_path,
             "steps": result.steps, "tokens": result.tokens, "seconds": round(result.seconds, 2),

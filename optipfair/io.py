@@ -98,7 +98,7 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         raise OptiPFairError(f"{path} has no usable tokenizer ({str(error).splitlines()[0]})") from None
-    if (Path(path) / "config.json").is_file():
+    if is_model_dir(path):
         _check_bos(tokenizer, AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code), path)
     return tokenizer
 
@@ -123,9 +123,14 @@ def load_skeleton(path: str, trust_remote_code: bool = False) -> torch.nn.Module
         raise OptiPFairError(f"could not read a model config from {path}: {str(error).splitlines()[0]}") from error
 
 
+def is_model_dir(path: str | Path) -> bool:
+    """Whether `path` is a local model directory (it holds a config.json), rather than a Hub id."""
+    return (Path(path) / "config.json").is_file()
+
+
 def _check_source(path: str) -> None:
     local = Path(path)
-    if local.exists() and not (local / "config.json").is_file():
+    if local.exists() and not is_model_dir(local):
         raise OptiPFairError(f"{path} is not a model directory (no config.json)")
     if not local.exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
         raise OptiPFairError(f"model path {path} does not exist")
@@ -148,7 +153,7 @@ def verify_checkpoint(path: str | Path, trust_remote_code: bool = False, label: 
     """
     folder = Path(path)
     label = label or str(folder)
-    if not (folder / "config.json").is_file():
+    if not is_model_dir(folder):
         raise OptiPFairError(f"{label} is not a model directory (no config.json)")
     shapes: Dict[str, Tuple[Tuple[int, ...], str]] = {}  # tensor -> (shape, file that holds it)
     for file in _weight_files(folder, label):
@@ -276,7 +281,7 @@ def check_output_path(output_path: str) -> Path:
     target = Path(output_path)
     if target.is_file():
         raise OptiPFairError(f"output path {output_path} is a file; give a directory")
-    if target.is_dir() and any(target.iterdir()) and not (target / "config.json").is_file():
+    if target.is_dir() and any(target.iterdir()) and not is_model_dir(target):
         raise OptiPFairError(f"output path {output_path} exists and is not a model directory; choose another path")
     _check_writable(target)
     return target

@@ -14,11 +14,11 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from optipfair.data import token_windows
+from optipfair.engine import saved_dtype
 from optipfair.errors import OptionError
 from optipfair.healing import heal
 from optipfair.io import load_model, resolve_device, save_model
 from pipeline import layout
-from pipeline.compute import save_dtype
 from pipeline.params import BASE_NAME, Params, ParamsError, healed_name
 from pipeline.texts import load_texts
 
@@ -48,6 +48,6 @@ def run(params: Params, name: str) -> dict:
     }
     # The model first: a record without its model would claim a training that left nothing.
     save_model(student, tokenizer, str(layout.model_dir(healed_name(name))),
-               dtype=save_dtype(params.compute, layout.model_dir(BASE_NAME)))
+               dtype=saved_dtype(params.compute["save_dtype"], layout.model_dir(BASE_NAME)))
     layout.write_json_atomic(layout.heal_file(name), record)
     return {**record, "seconds": round(result.seconds, 2)}

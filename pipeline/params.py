@@ -233,7 +233,8 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 
 def _check_compute(compute: Dict[str, Any], where: str) -> None:
     """A device that does not exist here, or an unknown dtype, stops the pipeline before any stage works."""
-    from optipfair.io import DTYPES, resolve_device, resolve_dtype
+    from optipfair.engine import check_save_dtype
+    from optipfair.io import resolve_device, resolve_dtype
 
     device = compute["device"]
     try:
@@ -241,9 +242,10 @@ def _check_compute(compute: Dict[str, Any], where: str) -> None:
     except OptiPFairError as error:
         field = "compute.dtype" if "dtype" in str(error) else "compute.device"
         raise _fail(where, field, str(error)) from None
-    if compute["save_dtype"] not in ("auto", *DTYPES):
-        raise _fail(where, "compute.save_dtype", f"models can be saved in {', '.join(DTYPES)} (auto: the base "
-                                                 f"checkpoint's own dtype), got {compute['save_dtype']!r}")
+    try:
+        check_save_dtype(compute["save_dtype"])
+    except OptionError as error:
+        raise _fail(where, f"compute.{error.field}", error.problem) from None
     budget = compute["memory_budget_gib"]
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0):
         raise _fail(where, "compute.memory_budget_gib", f"must be a positive number of GiB (or absent), got {budget!r}")

@@ -1,22 +1,21 @@
-"""prune stage: build one variant from models/base with `optipfair.prune`.
+"""prune stage: build one variant from models/base with the library's engine (`optipfair.engine`).
 
 The model is pruned where `compute:` says (device, dtype) and saved in `compute.save_dtype` (auto: the
-base checkpoint's own dtype, so a bf16 checkpoint gives bf16 variants). A base model that would not fit the
-memory budget is pruned out of core instead: one decoder layer at a time, on the same device, with
-the same result (`optipfair.streaming.prune_checkpoint`).
+base checkpoint's own dtype, so a bf16 checkpoint gives bf16 variants). A base model that would not
+fit the memory budget is pruned out of core instead: one decoder layer at a time, on the same device,
+with the same result.
 """
 
 from __future__ import annotations
 
 import time
 
-from optipfair import prune
 from optipfair.data import token_windows
+from optipfair.engine import prune_directory
 from optipfair.errors import OptionError
-from optipfair.io import load_model, load_tokenizer, save_model
-from optipfair.streaming import prune_checkpoint, stored_dtype
+from optipfair.io import load_tokenizer
 from pipeline import layout
-from pipeline.compute import placement, save_dtype
+from pipeline.compute import placement
 from pipeline.params import BASE_NAME, Params, ParamsError
 from pipeline.texts import load_texts
 
@@ -34,25 +33,11 @@ def run(params: Params, name: str) -> dict:
                                     params.calibration["seq_len"])
     started = time.perf_counter()
     # Progress goes to stderr, so `dvc repro` shows how far a long prune is.
-    saved_in = save_dtype(params.compute, source)
     try:
-        if where.out_of_core:
-            if saved_in != stored_dtype(source):
-                raise ParamsError(f"{params.path}: compute.save_dtype: out-of-core pruning writes the checkpoint's own "
-                                  f"dtype ({_name(stored_dtype(source))}), got {_name(saved_in)}; leave it auto")
-            stats = prune_checkpoint(source, layout.model_dir(name), variant.options, calibration_data=calibration,
-                                     show_progress=True, device=where.device)
-        else:
-            model, tokenizer = load_model(str(source), where.device, where.dtype)
-            model, stats = prune(model, variant.options, calibration_data=calibration, show_progress=True,
-                                 return_stats=True)
-            save_model(model, tokenizer, str(layout.model_dir(name)), dtype=saved_in)
-    except OptionError as error:  # a width this model cannot take (round_to, expansion_rate)
-        raise ParamsError(f"{params.path}: variants.{name}.{error.field}: {error.problem}") from None
+        stats = prune_directory(source, layout.model_dir(name), variant.options, where, calibration_data=calibration,
+                                save_dtype=params.compute["save_dtype"], show_progress=True)
+    except OptionError as error:  # a width this model cannot take (round_to, expansion_rate), a save dtype out of core
+        section = "compute" if error.field == "save_dtype" else f"variants.{name}"
+        raise ParamsError(f"{params.path}: {section}.{error.field}: {error.problem}") from None
     stats["pruning_seconds"] = round(time.perf_counter() - started, 2)
-    stats["out_of_core"] = where.out_of_core
     return stats
-
-
-def _name(dtype) -> str:
-    return str(dtype).removeprefix("torch.")

@@ -195,7 +195,9 @@ def test_out_of_core_prune_writes_what_in_memory_prune_writes(tiny_model_dir, tm
 
 
 @pytest.mark.parametrize("extra, message", [
-    (("--out-of-core", "--dtype", "bfloat16"), "--dtype: out-of-core pruning writes the checkpoint's own dtype"),
+    (("--out-of-core", "--dtype", "bfloat16"),
+     "--dtype: out-of-core pruning computes in float32 and writes the checkpoint's own dtype"),
+    (("--out-of-core", "--save-dtype", "float16"), "--save-dtype: out-of-core pruning writes the checkpoint's own dtype"),
     (("--out-of-core", "--device", "cuda:7"), "device cuda:7 asked for, but this machine has"),
     (("--memory-budget", -1), "--memory-budget: must be a positive number of GiB, got -1"),
 ])
