@@ -140,8 +140,9 @@ def _paths(entries: list) -> List[str]:
     return [next(iter(entry)) if isinstance(entry, dict) else entry for entry in entries or []]
 
 
-def problems(dvc: dict) -> List[str]:
-    """Every difference between what dvc.yaml declares and what each stage's code reads."""
+def problems(dvc: dict, params: dict | None = None) -> List[str]:
+    """Every difference between what dvc.yaml declares and what each stage's code (and params.yaml) reads."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text()) if params is None else params
     found = []
     for name, stage in _stages(dvc).items():
         words = shlex.split(stage["cmd"])
@@ -159,7 +160,27 @@ def problems(dvc: dict) -> List[str]:
         read = params_read(code, stage["foreach"], healed='"${key}+healed"' in stage["cmd"])
         found += [f"{name}: params lack {section}" for section in sorted(read - declared)]
         found += [f"{name}: params list {section}, which its code does not read" for section in sorted(declared - read)]
+        named = {path for section in read for path in repo_paths(section_values(params, section))}
+        found += [f"{name}: deps lack {path} (named in params.yaml)" for path in sorted(named) if not covered(path)]
     return found
+
+
+def section_values(params: dict, section: str):
+    """The values of a params section; `variants.${key}` stands for every entry of `variants`."""
+    top, _, entry = section.partition(".")
+    values = params.get(top) or {}
+    return list(values.values()) if entry == "${key}" else values
+
+
+def repo_paths(value) -> Set[str]:
+    """The files and folders of this repository that a params value names (e.g. a task YAML), as relative paths."""
+    if isinstance(value, dict):
+        return set().union(*map(repo_paths, value.values()))
+    if isinstance(value, list):
+        return set().union(*map(repo_paths, value))
+    if isinstance(value, str) and value and not Path(value).is_absolute() and (ROOT / value).exists():
+        return {str(Path(value))}
+    return set()
 
 
 def _dvc() -> dict:
@@ -193,6 +214,15 @@ def test_a_removed_params_section_is_caught(stage, section):
     definition = dvc["stages"][stage].get("do", dvc["stages"][stage])
     definition["params"].remove(section)
     assert f"{stage}: params lack {section}" in problems(dvc)
+
+
+@pytest.mark.parametrize("stage", ["evaluate", "evaluate_base", "evaluate_healed"])
+def test_a_data_folder_named_in_params_is_a_dep_of_every_stage_that_reads_it(stage):
+    """evaluate.tasks names tasks/everyday_cloze.yaml: every evaluate stage re-runs when a task file changes."""
+    dvc = copy.deepcopy(_dvc())
+    definition = dvc["stages"][stage].get("do", dvc["stages"][stage])
+    definition["deps"].remove("tasks")
+    assert f"{stage}: deps lack tasks/everyday_cloze.yaml (named in params.yaml)" in problems(dvc)
 
 
 def test_a_healed_model_stage_reads_its_heal_block_not_its_variant():
