@@ -19,15 +19,19 @@ from optipfair.healing import (
     DEFAULT_HEAL_SEQ_LEN,
     DEFAULT_HEAL_TOKENS,
     DEFAULT_HEAL_TRAIN,
+    TRAINABLE,
 )
+from optipfair.io import DTYPES
 from optipfair.pruning.options import (
     DEFAULT_CALIBRATION_SEQ_LEN,
     DEFAULT_CALIBRATION_TOKENS,
     DEFAULT_PRUNING_PERCENTAGE,
     DEFAULT_SHRINKAGE,
+    PRUNING_TYPES,
     PruningOptions,
     check_windows,
 )
+from optipfair.pruning.methods import method_names
 
 app = typer.Typer(
     help="Structured pruning of gated (GLU) MLPs in Hugging Face language models.",
@@ -37,16 +41,14 @@ app = typer.Typer(
 )
 
 
-class PruningType(str, Enum):
-    MLP_GLU = "MLP_GLU"
-    DEPTH = "DEPTH"
+def _choices(name: str, values) -> type:
+    """A Typer choice type from one of the library's registries, so that help and checks name the same values."""
+    return Enum(name, {value: value for value in values}, type=str)
 
 
-class DType(str, Enum):
-    auto = "auto"
-    float32 = "float32"
-    float16 = "float16"
-    bfloat16 = "bfloat16"
+PruningType = _choices("PruningType", PRUNING_TYPES)
+DType = _choices("DType", ("auto", *DTYPES))
+Trainable = _choices("Trainable", TRAINABLE)
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -96,7 +98,8 @@ def prune(
     method: str = typer.Option(
         "MAW",
         "--method",
-        help="Neuron selection: MAW, VOW, PON (weights only), a calibrated method, or AUTO (the best available).",
+        help=f"Neuron selection: {', '.join(method_names(calibrated=False))} (weights only), or "
+        f"{', '.join(method_names(calibrated=True))} (calibrated; AUTO: the best measured).",
     ),
     pruning_percentage: Optional[float] = typer.Option(
         None,
@@ -107,7 +110,7 @@ def prune(
         None, "--expansion-rate", help="Target intermediate/hidden size in % (instead of --pruning-percentage)."
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    dtype: DType = typer.Option(DType.auto, "--dtype", help="Weights dtype; auto = bfloat16 on GPU, float32 on CPU."),
+    dtype: DType = typer.Option(DType.auto, "--dtype", help="Compute dtype; auto = bfloat16 on GPU, float32 on CPU."),
     save_dtype: DType = typer.Option(
         DType.auto, "--save-dtype", help="Dtype of the saved model; auto = the checkpoint's own (a bf16 model stays bf16)."
     ),
@@ -213,12 +216,6 @@ def _prune_summary(stats: Dict[str, Any]):
     )
     yield f"  expansion rate    {stats['original_expansion_rate']:.1f}% -> {stats['expansion_rate']:.1f}%"
     yield f"  layers            {stats['original_layers']} -> {stats['pruned_layers']}"
-
-
-class Trainable(str, Enum):
-    mlp = "mlp"
-    all = "all"
-    lora = "lora"
 
 
 @app.command()

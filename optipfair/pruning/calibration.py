@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from optipfair.errors import OptiPFairError
 from optipfair.pruning.options import DEFAULT_SHRINKAGE
 from optipfair.pruning.linalg import BLOCK, mirror_in_place, one_thread
-from optipfair.pruning.methods import get_method
+from optipfair.pruning.methods import get_method, method_names
 from optipfair.pruning.selection import DEFAULT_DAMPING, refit_down, shrink_correlations
 from optipfair.pruning.surgery import shrink_mlp
 
@@ -60,7 +60,7 @@ def check_calibration_data(calibration_data, method: str = "calibrated pruning")
         raise OptiPFairError(
             f"{method} needs calibration_data: token ids [samples, seq_len] of calibration text, e.g. "
             "optipfair.data.token_windows(tokenizer, optipfair.data.default_texts()[0], 65536, 512); "
-            "or choose MAW, VOW or PON to prune from the weights alone"
+            f"or choose {' or '.join(method_names(calibrated=False))} to prune from the weights alone"
         )
     if not isinstance(calibration_data, torch.Tensor) or calibration_data.dim() != 2:
         shape = tuple(calibration_data.shape) if isinstance(calibration_data, torch.Tensor) else type(calibration_data)

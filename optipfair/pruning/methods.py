@@ -8,7 +8,7 @@ calibration text (`selection`). Adding a method is one function and one entry he
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 from optipfair.errors import OptiPFairError
 from optipfair.pruning import importance, selection
@@ -34,9 +34,13 @@ METHODS: Dict[str, Method] = {
 ALIASES = {"AUTO": "OBS"}
 
 
-def method_names() -> Tuple[str, ...]:
-    """Every method name `prune_model` accepts, aliases included."""
-    return (*METHODS, *ALIASES)
+def method_names(calibrated: Optional[bool] = None) -> Tuple[str, ...]:
+    """Every method name `prune_model` accepts, aliases included.
+
+    `calibrated`: only the methods that read calibration text (True), or only the weight-only ones (False).
+    """
+    aliases = tuple(alias for alias, target in ALIASES.items() if calibrated in (None, METHODS[target].needs_calibration))
+    return (*(name for name, method in METHODS.items() if calibrated in (None, method.needs_calibration)), *aliases)
 
 
 def get_method(name: str) -> Method:
