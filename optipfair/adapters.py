@@ -226,10 +226,6 @@ class ModelAdapter:
     def hidden_size(self) -> int:
         return self.down_proj(self.mlps[0]).out_features
 
-    def set_projections(self, mlp: nn.Module, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -> None:
-        """Install new (pruned) projections into `mlp`."""
-        self.family.set_projections(mlp, gate, up, down)
-
     def residual_scale(self, layer: nn.Module) -> Optional[float]:
         """How the MLP output joins the residual stream: output = residual + scale * mlp(x).
 

@@ -374,9 +374,5 @@ def _analysis_summary(result: Dict[str, Any]):
             yield f"    layer {index:>3}     {score:.4f}   rank {ranks[index]}"
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    app()
-
-
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

@@ -23,8 +23,6 @@ RATIOS = {
     "parameters": "parameters_ratio",
     "size_mb": "size_ratio",
 }
-# Measured side by side by evaluate@<variant> and written in its metrics (base time / variant time).
-SPEED_RATIOS = ("prefill_speedup", "generation_speedup")
 # metric -> its ratio's name for a healed model: healed value / value of the variant it was healed from.
 HEALED_RATIOS = {
     "perplexity": "perplexity_vs_unhealed",
