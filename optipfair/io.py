@@ -368,6 +368,16 @@ def staged_directory(target: Path, needed_bytes: Optional[int] = None) -> Iterat
         raise
 
 
+def remove_directory(target: Path) -> None:
+    """Remove `target` at once: renamed aside first, so that a kill midway leaves nothing that looks whole.
+
+    What a killed removal leaves is an owned `.old-` directory, which the next staged write removes.
+    """
+    old = target.with_name(_owned_name(target.name, "old"))
+    os.replace(target, old)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def replace_directory(staging: Path, target: Path) -> None:
     """Move the finished `staging` directory to `target`, replacing what was there."""
     if target.exists():

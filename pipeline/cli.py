@@ -12,6 +12,7 @@ from typing import Callable
 import typer
 
 from optipfair.errors import OptiPFairError
+from pipeline import layout
 from pipeline.params import BASE_NAME, HEALED_SUFFIX, Params, healed_name, load_params
 
 app = typer.Typer(
@@ -49,11 +50,19 @@ def _run(step: Callable[[Params], object], params_file: Path) -> object:
 
 @app.command()
 def validate(params: Path = PARAMS_OPTION) -> None:
-    """Check the params file and list the models it defines, without doing any work."""
+    """Check the params file and list the models it defines; remove what was built for models it no longer names.
+
+    DVC runs this on every edit of params.yaml, so a variant taken out of it leaves no metrics file,
+    loss curve or model directory behind for the report or a user to mistake for a current one.
+    """
     checked = _run(lambda p: p, params)
     healed = f"; healed: {', '.join(checked.heal)}" if checked.heal else ""
     typer.echo(f"{params}: OK; base from {checked.base['source']}, variants: {', '.join(checked.variants) or 'none'}"
                f"{healed}")
+    gone = layout.leftovers(checked.model_names())
+    layout.forget(gone)
+    for path in gone:
+        typer.echo(f"removed {path}: its model is no longer in {params}")
 
 
 @app.command()

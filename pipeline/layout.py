@@ -10,7 +10,9 @@ import json
 import os
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, List
+
+from optipfair.io import remove_directory
 
 MODELS = Path("models")
 REPORTS = Path("reports")
@@ -31,6 +33,8 @@ PLOT_FILES = {
 QUALITY_BENCHMARK = Path("benchmarks/results/quality.md")
 # Written inside models/base by the download stage: where the base model came from.
 PROVENANCE = "optipfair_source.json"
+# DVC lists each model directory it builds here (one `/<name>` line per output).
+MODELS_GITIGNORE = MODELS / ".gitignore"
 
 
 def model_dir(name: str) -> Path:
@@ -76,3 +80,41 @@ def write_json_atomic(path: Path, value: Any) -> None:
 def read_json(path: Path) -> Any:
     """The JSON value stored at `path`."""
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def leftovers(model_names: Iterable[str]) -> List[Path]:
+    """What the pipeline built for models params.yaml no longer names (`model_names`: the ones it does).
+
+    Their metrics files and healing records, and their model directories: only those DVC built
+    (listed in models/.gitignore), never a folder a user put in models/ themselves.
+    """
+    names = set(model_names)
+    found = [path for folder in (METRICS, HEAL) if folder.is_dir() for path in sorted(folder.glob("*.json"))
+             if _model_of(path, folder) not in names]
+    return found + [model_dir(name) for name in _built_models() if name not in names and model_dir(name).is_dir()]
+
+
+def forget(paths: Iterable[Path]) -> None:
+    """Remove `paths` (files, model directories), and the lines of removed models from models/.gitignore."""
+    removed = set()
+    for path in paths:
+        if path.is_dir():
+            remove_directory(path)
+            removed.add(path.name)
+        else:
+            path.unlink(missing_ok=True)
+    if removed and MODELS_GITIGNORE.is_file():
+        lines = MODELS_GITIGNORE.read_text(encoding="utf-8").splitlines(keepends=True)
+        write_text_atomic(MODELS_GITIGNORE, "".join(line for line in lines if line.strip().lstrip("/") not in removed))
+
+
+def _model_of(path: Path, folder: Path) -> str:
+    # A healing record is named after its variant; it belongs to the healed model.
+    return f"{path.stem}+healed" if folder == HEAL else path.stem
+
+
+def _built_models() -> List[str]:
+    if not MODELS_GITIGNORE.is_file():
+        return []
+    entries = (line.strip() for line in MODELS_GITIGNORE.read_text(encoding="utf-8").splitlines())
+    return [entry.lstrip("/") for entry in entries if entry.startswith("/") and "*" not in entry]
