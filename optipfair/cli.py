@@ -358,13 +358,23 @@ def _analysis_summary(result: Dict[str, Any]):
     yield f"  intermediate size {result['intermediate_size']}"
     yield f"  expansion rate    {result['expansion_rate']:.1f}%"
     yield f"  parameters        {params['total']:,}"
+    def share(part: str) -> str:
+        return f"{params[part]:,} ({100 * params[part] / params['total']:.1f}%)"
+
     for part in ("attention", "mlp", "other"):
         yield f"    {part:<15} {params[part]:>14,} ({100 * params[part] / params['total']:.1f}%)"
-    yield "  MLP pruning       width   expansion   parameters saved"
+    # MLP pruning never touches the embedding and the head: they bound what it can save.
+    tied = result["tied_embeddings"]
+    yield f"  embedding         {share('embedding')}" + (", tied: also the output head" if tied else "")
+    if not tied:
+        yield f"  output head       {share('output_head')}, untied"
+    yield f"  non-embedding     {share('non_embedding')}"
+    yield "  MLP pruning       width   expansion   parameters saved (of the model / non-embedding / MLP)"
     for row in result["savings"]:
         yield (
             f"    {row['pruning_percentage']:>5g}%        {row['intermediate_size']:>6}   {row['expansion_rate']:>8.1f}%"
-            f"   {row['parameters_saved']:>14,} ({row['percentage_of_model']:.1f}% of the model)"
+            f"   {row['parameters_saved']:>14,} ({row['percentage_of_model']:.1f}% / "
+            f"{row['percentage_of_non_embedding']:.1f}% / {row['percentage_of_mlp']:.1f}%)"
         )
     if "layer_importance" in result:
         scores = result["layer_importance"]

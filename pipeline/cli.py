@@ -83,7 +83,9 @@ def analyze(params: Path = PARAMS_OPTION) -> None:
     typer.echo(
         f"{analysis['num_layers']} layers, hidden {analysis['hidden_size']}, MLP width "
         f"{analysis['intermediate_size']} ({analysis['expansion_rate']:.0f}% expansion), "
-        f"{analysis['parameters']['total'] / 1e6:.1f}M parameters"
+        f"{analysis['parameters']['total'] / 1e6:.1f}M parameters, "
+        f"{100 * (1 - analysis['parameters']['non_embedding'] / analysis['parameters']['total']):.0f}% of them in the "
+        f"embedding{'' if analysis['tied_embeddings'] else ' and the output head'}"
     )
 
 

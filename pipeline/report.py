@@ -8,14 +8,15 @@ from typing import Dict, List
 
 from pipeline import layout
 from pipeline.params import BASE_NAME, Params, healed_from
-from pipeline.results import collect, with_ratios
+from pipeline.results import base_analysis, collect, reductions, with_ratios
 from pipeline.texts import out_of_domain_label
 
 
 def run(params: Params) -> str:
     """Write the summary table and the plots for the models listed in params; returns the table."""
-    rows = with_ratios(collect(params))
-    table = summary_markdown(params, rows)
+    analysis = base_analysis()
+    rows = {name: {**m, **reductions(m, analysis)} for name, m in with_ratios(collect(params)).items()}
+    table = summary_markdown(params, rows, analysis)
     layout.write_text_atomic(layout.SUMMARY, table)
     _plots(rows)
     return table
@@ -35,26 +36,28 @@ def _setting(params: Params, name: str) -> str:
     return ", ".join([f"{v.method} {amount}", *filter(None, extras)])
 
 
-def summary_markdown(params: Params, rows: Dict[str, dict]) -> str:
-    """The comparison table as Markdown; `rows` is `with_ratios(collect(params))` (ratios are to the base model)."""
+def summary_markdown(params: Params, rows: Dict[str, dict], analysis: dict) -> str:
+    """The comparison table as Markdown; `rows` is `with_ratios(collect(params))` (ratios are to the base model)
+    with each model's `reductions` from the base model's `analysis`."""
     lines = [
         "# Pruning summary",
         "",
-        "| model | pruning | parameters (M) | reduction | MLP width | expansion | size (MB) "
+        "| model | pruning | parameters (M) | reduction: total / non-embedding / MLP | MLP width | expansion "
+        "| size (MB) "
         "| perplexity | out-of-domain perplexity | prefill tok/s | generation tok/s |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, m in rows.items():
         ratio = (lambda key: "") if name == BASE_NAME else (lambda key: f" (×{m[key]:.2f})")
         lines.append(
-            f"| {name} | {_setting(params, name)} | {m['parameters'] / 1e6:.1f} | {m['parameter_reduction_pct']:.1f}% "
+            f"| {name} | {_setting(params, name)} | {m['parameters'] / 1e6:.1f} | {_reduction(name, m)} "
             f"| {m['mlp_intermediate_size']} | {m['expansion_rate']:.0f}% | {m['size_mb']:.0f} "
             f"| {m['perplexity']:.2f}{ratio('perplexity_ratio')} "
             f"| {m['perplexity_out_of_domain']:.2f}{ratio('perplexity_out_of_domain_ratio')} "
             f"| {_speed(m, 'prefill', '.0f', ratio)} "
             f"| {_speed(m, 'generation', '.1f', ratio)} |"
         )
-    lines += healing_markdown(params, rows)
+    lines += ["", _embedding_note(analysis), *healing_markdown(params, rows)]
     base = rows[BASE_NAME]
     lines += [
         "",
@@ -71,6 +74,24 @@ def summary_markdown(params: Params, rows: Dict[str, dict]) -> str:
         *_task_table(rows),
     ]
     return "\n".join(lines)
+
+
+def _reduction(name: str, m: dict) -> str:
+    if name == BASE_NAME:
+        return "—"
+    return " / ".join(f"{m[key]:.1f}%" for key in ("parameter_reduction_pct", "non_embedding_reduction_pct",
+                                                    "mlp_reduction_pct"))
+
+
+def _embedding_note(analysis: dict) -> str:
+    """How much of the base model pruning cannot reach: the embedding, and the head when it is not tied to it."""
+    p = analysis["parameters"]
+    held = (f"{p['embedding'] / 1e6:.1f}M, tied to the output head" if analysis["tied_embeddings"]
+            else f"{p['embedding'] / 1e6:.1f}M + an untied output head of {p['output_head'] / 1e6:.1f}M")
+    share = 100 * (1 - p["non_embedding"] / p["total"])
+    return (f"The base model's embedding holds {held}: {share:.0f}% of its {p['total'] / 1e6:.1f}M parameters, "
+            "which pruning leaves whole. The reduction is given of the total, of the non-embedding parameters "
+            "and of the MLP parameters (the MLP cut itself).")
 
 
 def _speed(m: dict, key: str, digits: str, ratio) -> str:

@@ -5,7 +5,9 @@ measures and nothing derived from another model's file, so a variant's metrics n
 base model's; the ratios of perplexity, parameters and size are computed here, once. Speed ratios
 are the exception: they are measured side by side (base and variant timed alternately in one
 process by `evaluate@<variant>`), because two speeds taken in separate processes at different
-moments compare the machine's load as much as the models.
+moments compare the machine's load as much as the models. What share of the base model's
+parameters a variant removed outside the embedding and in the MLPs is derived here too, from the
+base model's reports/analysis.json.
 """
 
 from __future__ import annotations
@@ -39,6 +41,35 @@ def collect(params: Params) -> Dict[str, dict]:
             raise OptiPFairError(f"{path} is missing: run `dvc repro` (or optipfair-pipeline evaluate --variant {name})")
         rows[name] = layout.read_json(path)
     return rows
+
+
+def base_analysis() -> dict:
+    """reports/analysis.json, the base model's shape and parameter split, as the analyze stage wrote it."""
+    analysis = layout.read_json(layout.ANALYSIS) if layout.ANALYSIS.is_file() else {}
+    if "mlp_parameters_per_channel" not in analysis:  # absent, or written before the embedding split
+        raise OptiPFairError(f"{layout.ANALYSIS} is missing or out of date: run `dvc repro` "
+                             "(or optipfair-pipeline analyze)")
+    return analysis
+
+
+def reductions(metrics: dict, analysis: dict) -> Dict[str, float]:
+    """A model's parameter reduction from the base model (`analysis`), in % of its non-embedding parameters
+    and of its MLP parameters, from the metrics' parameters, num_layers and mlp_intermediate_size.
+
+    Pruning (MLP width or depth) leaves the embedding and the output head whole: where they are most of
+    the model, a deep MLP cut is a small cut of the total, and these say what was cut where it could be.
+    """
+    base = analysis["parameters"]
+    untouched = base["embedding"] + base["output_head"]
+    # Every layer's MLP holds per_channel parameters per intermediate channel, plus a fixed part (a down bias).
+    per_channel = analysis["mlp_parameters_per_channel"]
+    fixed = base["mlp"] / analysis["num_layers"] - per_channel * analysis["intermediate_size"]
+    mlp = metrics["num_layers"] * (per_channel * metrics["mlp_intermediate_size"] + fixed)
+    non_embedding = metrics["parameters"] - untouched
+    return {
+        "non_embedding_reduction_pct": round(100 * (1 - non_embedding / base["non_embedding"]), 2),
+        "mlp_reduction_pct": round(100 * (1 - mlp / base["mlp"]), 2),
+    }
 
 
 def ratios(metrics: dict, base: dict) -> Dict[str, float]:

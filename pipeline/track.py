@@ -1,9 +1,10 @@
 """track stage: record the base model and every variant as MLflow runs in one experiment.
 
 One run per model *configuration*: its run key is a hash of everything that defines the model and
-its measurement (variant fields, base source, data, evaluation settings). Syncing finds the run by
-that key and updates it, so re-running an unchanged pipeline never makes duplicates, and a sync
-that failed half way is completed by the next one (a run is marked complete only at its end).
+its measurement (variant fields, base source, data, evaluation settings, device and dtype). Syncing
+finds the run by that key and updates it, so re-running an unchanged pipeline never makes
+duplicates, and a sync that failed half way is completed by the next one (a run is marked complete
+only at its end).
 
 DVC runs this stage on every `dvc repro` (`always_changed` in dvc.yaml): DVC cannot see the store
 (MLFLOW_TRACKING_URI, or runs deleted or logged elsewhere), and restoring the stage from its run
@@ -112,9 +113,17 @@ def _http_patience() -> Iterator[None]:
             os.environ.pop(name, None)
 
 
+def _compute(params: Params) -> Dict[str, str]:
+    """Device and dtype as params.yaml gives them (auto included): they change the weights (a variant is
+    saved in its dtype), perplexity (float rounding) and speed. Not the ones `auto` resolved to: only the
+    stages that ran the models know those, and this stage may run on another machine (after `dvc pull`)."""
+    return {key: params.compute[key] for key in ("device", "dtype")}
+
+
 def run_key(params: Params, name: str) -> str:
     """Stable id of the configuration that produced model `name` (not of when it was built)."""
-    identity = {"model": name, "base": params.base, "data": params.data, "evaluate": params.evaluate}
+    identity = {"model": name, "base": params.base, "data": params.data, "evaluate": params.evaluate,
+                "compute": _compute(params)}
     if name != BASE_NAME:
         variant = params.variants[healed_from(name) or name]
         identity["variant"] = variant.fields()
@@ -127,7 +136,8 @@ def run_key(params: Params, name: str) -> str:
 
 
 def run_params(params: Params, name: str) -> Dict[str, str]:
-    """The flat params logged on a run: variant fields, model source and revision, evaluation settings."""
+    """The flat params logged on a run: variant fields, model source and revision, evaluation settings,
+    device and dtype."""
     flat = {"model": name}
     provenance_file = layout.model_dir(BASE_NAME) / layout.PROVENANCE
     provenance = layout.read_json(provenance_file) if provenance_file.is_file() else {}
@@ -135,6 +145,7 @@ def run_params(params: Params, name: str) -> Dict[str, str]:
         flat[f"base.{key}"] = value
     flat.update({f"data.{k}": v for k, v in params.data.items()})
     flat.update({f"evaluate.{k}": v for k, v in params.evaluate.items()})
+    flat.update({f"compute.{k}": v for k, v in _compute(params).items()})
     if name != BASE_NAME:
         variant = params.variants[healed_from(name) or name]
         flat.update({f"variant.{k}": v for k, v in variant.fields().items()})

@@ -109,6 +109,29 @@ def test_run_key_is_the_same_across_processes_and_changes_only_with_its_own_vari
     assert track.run_key(params, "vow-50") != keys["vow-50"]
     assert track.run_key(params, "maw-25") == keys["maw-25"] and track.run_key(params, "base") == keys["base"]
 
+    for compute in ({"device": "cpu"}, {"dtype": "float32"}):  # every model is measured on it, base included
+        (project / "params.yaml").write_text(yaml.safe_dump({**PARAMS, "compute": compute}, sort_keys=False))
+        params = load_params("params.yaml")
+        assert all(track.run_key(params, name) != keys[name] for name in ("base", "maw-25"))
+
+
+def test_a_change_of_device_or_dtype_is_a_new_run_that_records_them(project):
+    """A CPU float32 run and a bfloat16 run of the same variant measure different weights and speeds."""
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    first = _track(uri)
+    assert _runs(uri)["maw-25"].data.params["compute.device"] == "auto"
+    assert _runs(uri)["maw-25"].data.params["compute.dtype"] == "auto"
+
+    (project / "params.yaml").write_text(yaml.safe_dump({**PARAMS, "compute": {"device": "cpu", "dtype": "bfloat16"}}))
+    second = _track(uri)
+    assert {entry["status"] for entry in second.values()} == {"created"}
+    client = _client(uri)
+    runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id], max_results=100)
+    assert len(runs) == 6  # the first sync's runs are kept, untouched
+    compute = {run.info.run_id: (run.data.params["compute.device"], run.data.params["compute.dtype"]) for run in runs}
+    assert {compute[entry["run_id"]] for entry in first.values()} == {("auto", "auto")}
+    assert {compute[entry["run_id"]] for entry in second.values()} == {("cpu", "bfloat16")}
+
 
 def test_resync_of_unchanged_outputs_creates_no_run_and_logs_no_point(project):
     uri = f"sqlite:///{project / 'mlflow.db'}"
