@@ -53,6 +53,10 @@ COMPLETE_TAG = "optipfair.synced_sha256"
 PATH_TAG = "optipfair.model_path"
 HASH_TAG = "optipfair.dvc_md5"
 MODEL_TYPE = "optipfair"
+# A run of a model params.yaml no longer names: kept as history, marked so.
+REMOVED_TAG = "optipfair.removed"
+# MLflow 3 opens an experiment in the view its kind names; these runs compare models, not GenAI traces.
+KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 # MLflow's own HTTP defaults (7 retries, backoff factor 2, 120 s per request) keep retrying a tracking
 # server that is down for 4 min 17 s in silence, a budget meant for rate-limited shared servers. This
 # stage sends a few small requests, so it gives up after 3 tries: a refused connection fails in ~4 s,
@@ -114,10 +118,11 @@ def _http_patience() -> Iterator[None]:
 
 
 def _compute(params: Params) -> Dict[str, str]:
-    """Device and dtype as params.yaml gives them (auto included): they change the weights (a variant is
-    saved in its dtype), perplexity (float rounding) and speed. Not the ones `auto` resolved to: only the
-    stages that ran the models know those, and this stage may run on another machine (after `dvc pull`)."""
-    return {key: params.compute[key] for key in ("device", "dtype")}
+    """Device, dtype and save dtype as params.yaml gives them (auto included): they change the weights
+    (float rounding; the dtype a variant is saved in), perplexity and speed. Not the ones `auto` resolved
+    to: only the stages that ran the models know those, and this stage may run on another machine (after
+    `dvc pull`)."""
+    return {key: params.compute[key] for key in ("device", "dtype", "save_dtype")}
 
 
 def run_key(params: Params, name: str) -> str:
@@ -175,6 +180,8 @@ def _sync(params: Params, all_metrics: Dict[str, dict], uri: str) -> Dict[str, d
     name = params.tracking["experiment"]
     experiment = client.get_experiment_by_name(name)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
+    if (experiment.tags if experiment else {}).get(KIND_TAG) != MODEL_TRAINING:
+        client.set_experiment_tag(experiment_id, KIND_TAG, MODEL_TRAINING)
     commit = git_commit()
     shared_artifacts = [p for p in (layout.SUMMARY, layout.ANALYSIS, *PLOT_FILES.values()) if p.is_file()]
     ledger = {}
@@ -238,7 +245,26 @@ def _sync(params: Params, all_metrics: Dict[str, dict], uri: str) -> Dict[str, d
         client.set_tag(run_id, COMPLETE_TAG, content_sha)
         client.set_terminated(run_id)
         ledger[model] = {"run_id": run_id, "run_key": key, "status": status}
+    _tag_removed(client, experiment_id, set(all_metrics))
     return ledger
+
+
+def _tag_removed(client, experiment_id: str, models: set) -> None:
+    """Tag the runs of models params.yaml no longer names as removed (they stay as history); untag returning ones."""
+    from mlflow.store.entities.paged_list import PagedList
+
+    page = PagedList([], None)
+    while True:
+        page = client.search_runs([experiment_id], filter_string=f"tags.`{KEY_TAG}` != ''", page_token=page.token,
+                                  max_results=500)
+        for found in page:
+            removed = found.info.run_name not in models
+            if removed and REMOVED_TAG not in found.data.tags:
+                client.set_tag(found.info.run_id, REMOVED_TAG, "no longer in params.yaml")
+            elif not removed and REMOVED_TAG in found.data.tags:
+                client.delete_tag(found.info.run_id, REMOVED_TAG)
+        if not page.token:
+            return
 
 
 def dvc_hash(name: str) -> str:

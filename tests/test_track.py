@@ -133,6 +133,29 @@ def test_a_change_of_device_or_dtype_is_a_new_run_that_records_them(project):
     assert {compute[entry["run_id"]] for entry in second.values()} == {("cpu", "bfloat16")}
 
 
+def test_the_experiment_opens_in_the_model_training_view(project):
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    client = _client(uri)
+    client.create_experiment(EXPERIMENT, tags={track.KIND_TAG: "genai_development"})  # e.g. made by another tool
+    _track(uri)
+    assert client.get_experiment_by_name(EXPERIMENT).tags[track.KIND_TAG] == "custom_model_development"
+
+
+def test_a_model_taken_out_of_params_keeps_its_run_tagged_as_removed_until_it_returns(project):
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    _track(uri)
+    without = {**PARAMS, "variants": {"maw-25": PARAMS["variants"]["maw-25"]}}
+    (project / "params.yaml").write_text(yaml.safe_dump(without, sort_keys=False))
+    _track(uri)
+    runs = _runs(uri)
+    assert set(runs) == {"base", "maw-25", "vow-50"}  # history is kept
+    assert {name for name, run in runs.items() if track.REMOVED_TAG in run.data.tags} == {"vow-50"}
+
+    (project / "params.yaml").write_text(yaml.safe_dump(PARAMS, sort_keys=False))
+    _track(uri)
+    assert not any(track.REMOVED_TAG in run.data.tags for run in _runs(uri).values())
+
+
 def test_resync_of_unchanged_outputs_creates_no_run_and_logs_no_point(project):
     uri = f"sqlite:///{project / 'mlflow.db'}"
     first = _track(uri)
