@@ -139,6 +139,15 @@ def dvc_env(**extra) -> dict:
     return env
 
 
+# The variants of the pipeline tests' projects (end to end, and the params checks run through the stages).
+VARIANTS = {
+    "maw-25": {"method": "MAW", "pruning_percentage": 25},
+    "vow-50": {"method": "VOW", "pruning_percentage": 50, "round_to": 8},
+}
+# The heal block of those projects.
+HEAL = {"num_tokens": 512, "seq_len": 64, "batch_size": 2, "learning_rate": 0.001, "train": "mlp"}  # 4 optimizer steps
+
+
 def tiny_pipeline_params(experiment: str, variants: dict, model_dir: Path, **sections) -> dict:
     """params.yaml for a DVC project on a tiny local model: few tokens, one speed round, MLflow `experiment`."""
     return {

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from optipfair import prune_model
+from optipfair import count_parameters, prune_model
 from optipfair.analysis import analyze_model
 
 from conftest import make_tiny_model
@@ -59,3 +59,18 @@ def test_each_savings_row_is_what_pruning_removes_of_the_model_the_non_embedding
     assert row["percentage_of_mlp"] == pytest.approx(100 * (1 - after["mlp"] / p["mlp"]))
     if model_type == "gemma3_text":  # the embedding-heavy case: a 35 % MLP cut is a small cut of the total
         assert row["percentage_of_model"] < 5 < 20 < row["percentage_of_non_embedding"] < row["percentage_of_mlp"]
+
+
+@pytest.mark.parametrize("overrides", [{}, {"mlp_bias": True}], ids=["plain", "biased"])
+def test_the_predicted_saving_is_what_pruning_removes(overrides):
+    model = make_tiny_model("llama", **overrides)
+    analysis = analyze_model(model, percentages=(25, 50))
+    assert (analysis["num_layers"], analysis["hidden_size"], analysis["intermediate_size"]) == (2, 32, 64)
+    parts = analysis["parameters"]
+    assert parts["attention"] + parts["mlp"] + parts["other"] == parts["total"] == count_parameters(model)
+    for row in analysis["savings"]:
+        percentage = row["pruning_percentage"]
+        pruned = prune_model(make_tiny_model("llama", **overrides), pruning_percentage=percentage,
+                                       show_progress=False)
+        assert row["parameters_after"] == count_parameters(pruned)
+        assert row["intermediate_size"] == pruned.config.intermediate_size

@@ -26,6 +26,9 @@ import yaml
 
 from conftest import BIN, copy_project, dvc_env, make_tiny_model, new_dvc_project, repro, tiny_pipeline_params
 
+pytestmark = pytest.mark.slow
+
+
 def _run(project: Path, *command: str, **env) -> subprocess.CompletedProcess:
     return subprocess.run(list(command), cwd=project, capture_output=True, text=True, env=dvc_env(**env), timeout=600)
 

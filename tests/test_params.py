@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,11 +12,10 @@ import yaml
 from typer.testing import CliRunner
 
 import optipfair
-from conftest import make_tiny_model
+from conftest import HEAL, ROOT, VARIANTS, dvc_env, make_tiny_model, tiny_pipeline_params
 from optipfair.cli import app as optipfair_cli
 from pipeline.params import ParamsError, load_params
 
-ROOT = Path(__file__).resolve().parents[1]
 BASE = {"source": "hf", "repo_id": "org/model", "revision": "a" * 40}
 
 
@@ -149,3 +151,101 @@ def test_duplicate_keys_are_refused(tmp_path):
     path.write_text("base: {source: pypi}\nvariants:\n  a: {method: MAW}\n  a: {method: VOW}\n")
     with pytest.raises(ParamsError, match="line 4: 'a' is given twice"):
         load_params(path)
+
+
+# --- The stages' own params check, through their command line (no DVC) --------------------------------
+
+def _write_params(project: Path, params: dict) -> None:
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _params(model_dir: Path, heal: dict | None) -> dict:
+    return tiny_pipeline_params("heal-test", VARIANTS, model_dir, heal=heal)
+
+
+BAD_PARAMS = [
+    ("variants.maw-25.method", lambda p: p["variants"]["maw-25"].update(method="MAGIC")),
+    ("variants.maw-25.pruning_percentage", lambda p: p["variants"]["maw-25"].update(pruning_percentage=120)),
+    ("variants.vow-50.round_to", lambda p: p["variants"]["vow-50"].update(round_to=0)),
+    ("variants.maw-25.pruning_percentag", lambda p: p["variants"]["maw-25"].update(pruning_percentag=5)),
+    ("base.path", lambda p: p["base"].update(path="/nonexistent/model")),
+    ("base.revision", lambda p: p.update(base={"source": "hf", "repo_id": "org/model", "revision": "main"})),
+    ("base.source", lambda p: p["base"].update(source="ftp")),
+    ("evaluate.num_runs", lambda p: p["evaluate"].update(num_runs=0)),
+    ("evaluate.out_of_domain_file", lambda p: p["evaluate"].update(out_of_domain_file="/no/such/text.txt")),
+    ("variants.maw-25.shrinkage", lambda p: p["variants"]["maw-25"].update(shrinkage=1.5)),
+]
+
+
+@pytest.mark.parametrize("field,breaks", BAD_PARAMS, ids=[field for field, _ in BAD_PARAMS])
+def test_bad_params_are_refused_with_one_line_naming_the_field(field, breaks, tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    params = json.loads(json.dumps(tiny_pipeline_params("pipeline-test", VARIANTS, tiny_model_dir)))
+    breaks(params)
+    _write_params(tmp_path, params)
+    result = CliRunner().invoke(app, ["prune", "--variant", "maw-25", "--params", str(tmp_path / "params.yaml")])
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and f"{field}:" in result.stderr, result.stderr
+    assert not (tmp_path / "models").exists()
+
+
+def test_duplicate_variant_names_and_unreachable_hub_fail_cleanly_in_a_real_process(tmp_path):
+    cli = [sys.executable, "-m", "pipeline.cli"]
+    duplicated = tmp_path / "dup.yaml"
+    duplicated.write_text(
+        "base: {source: hf, repo_id: org/model, revision: " + "a" * 40 + "}\n"
+        "variants:\n  maw-20: {method: MAW, pruning_percentage: 20}\n  maw-20: {method: MAW, pruning_percentage: 30}\n"
+    )
+    done = subprocess.run([*cli, "validate", "--params", str(duplicated)], cwd=ROOT, capture_output=True, text=True,
+                          env=dvc_env())
+    assert done.returncode == 2 and "'maw-20' is given twice" in done.stderr and "Traceback" not in done.stderr
+
+    unreachable = tmp_path / "hub.yaml"
+    unreachable.write_text("base: {source: hf, repo_id: org/model, revision: " + "a" * 40 + "}\n")
+    done = subprocess.run([*cli, "download", "--params", str(unreachable)], cwd=tmp_path, capture_output=True,
+                          text=True, env=dvc_env(PYTHONPATH=str(ROOT)))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("optipfair-pipeline: error: base.repo_id:") and done.stderr.count("\n") == 1
+    assert not (tmp_path / "models" / "base").exists()
+
+
+BAD_HEAL = [
+    ("heal.vow-50.num_tokens", {"vow-50": {**HEAL, "num_tokens": 0}}),
+    ("heal.vow-50.num_tokens", {"vow-50": {**HEAL, "num_tokens": -512}}),
+    ("heal.vow-50.learning_rate", {"vow-50": {**HEAL, "learning_rate": 0}}),
+    ("heal.vow-50.train", {"vow-50": {**HEAL, "train": "everything"}}),
+    ("heal.vow-50.epochs", {"vow-50": {**HEAL, "epochs": 2}}),
+    ("heal.vow-99", {"vow-99": HEAL}),
+    ("heal.vow-50", {"vow-50": [512]}),
+    ("heal", None),
+]
+
+
+@pytest.mark.parametrize("field,heal", BAD_HEAL, ids=[f"{field}={heal}" for field, heal in BAD_HEAL])
+def test_bad_heal_settings_are_refused_with_one_line_naming_the_field(field, heal, tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    params = _params(tiny_model_dir, heal)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = CliRunner().invoke(app, ["heal", "--variant", "vow-50", "--params", str(tmp_path / "params.yaml")])
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and f": {field}:" in result.stderr, result.stderr
+    assert not (tmp_path / "models").exists()
+
+
+def test_healing_or_evaluating_a_variant_without_heal_block_names_the_fix(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    params = _params(tiny_model_dir, {"vow-50": HEAL})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for command in (["heal", "--variant", "maw-25"], ["evaluate", "--variant", "maw-25+healed"]):
+        result = CliRunner().invoke(app, [*command, "--params", str(tmp_path / "params.yaml")])
+        assert result.exit_code == 2 and "variant 'maw-25' has no heal block" in result.stderr, result.stderr
+    assert not (tmp_path / "models").exists() and not (tmp_path / "reports").exists()

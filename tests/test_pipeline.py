@@ -14,18 +14,14 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import BIN, ROOT, copy_project, dvc_env, new_dvc_project, repro, tiny_pipeline_params
+from conftest import BIN, VARIANTS, copy_project, dvc_env, new_dvc_project, repro, tiny_pipeline_params
 
-VARIANTS = {
-    "maw-25": {"method": "MAW", "pruning_percentage": 25},
-    "vow-50": {"method": "VOW", "pruning_percentage": 50, "round_to": 8},
-}
+pytestmark = pytest.mark.slow
 
 
 def _git(project: Path, *args: str) -> None:
@@ -175,55 +171,6 @@ def test_a_variant_name_with_a_space_is_refused_by_the_naming_rule(project):
     ran, done = repro(project)
     assert done.returncode != 0 and naming_rule in done.stderr, done.stderr
     assert not (project / "models" / "my variant").exists()
-
-
-BAD_PARAMS = [
-    ("variants.maw-25.method", lambda p: p["variants"]["maw-25"].update(method="MAGIC")),
-    ("variants.maw-25.pruning_percentage", lambda p: p["variants"]["maw-25"].update(pruning_percentage=120)),
-    ("variants.vow-50.round_to", lambda p: p["variants"]["vow-50"].update(round_to=0)),
-    ("variants.maw-25.pruning_percentag", lambda p: p["variants"]["maw-25"].update(pruning_percentag=5)),
-    ("base.path", lambda p: p["base"].update(path="/nonexistent/model")),
-    ("base.revision", lambda p: p.update(base={"source": "hf", "repo_id": "org/model", "revision": "main"})),
-    ("base.source", lambda p: p["base"].update(source="ftp")),
-    ("evaluate.num_runs", lambda p: p["evaluate"].update(num_runs=0)),
-    ("evaluate.out_of_domain_file", lambda p: p["evaluate"].update(out_of_domain_file="/no/such/text.txt")),
-    ("variants.maw-25.shrinkage", lambda p: p["variants"]["maw-25"].update(shrinkage=1.5)),
-]
-
-
-@pytest.mark.parametrize("field,breaks", BAD_PARAMS, ids=[field for field, _ in BAD_PARAMS])
-def test_bad_params_are_refused_with_one_line_naming_the_field(field, breaks, tiny_model_dir, tmp_path):
-    from typer.testing import CliRunner
-
-    from pipeline.cli import app
-
-    params = json.loads(json.dumps(tiny_pipeline_params("pipeline-test", VARIANTS, tiny_model_dir)))
-    breaks(params)
-    _write_params(tmp_path, params)
-    result = CliRunner().invoke(app, ["prune", "--variant", "maw-25", "--params", str(tmp_path / "params.yaml")])
-    assert result.exit_code == 2
-    assert result.stderr.count("\n") == 1 and f"{field}:" in result.stderr, result.stderr
-    assert not (tmp_path / "models").exists()
-
-
-def test_duplicate_variant_names_and_unreachable_hub_fail_cleanly_in_a_real_process(tmp_path):
-    cli = [sys.executable, "-m", "pipeline.cli"]
-    duplicated = tmp_path / "dup.yaml"
-    duplicated.write_text(
-        "base: {source: hf, repo_id: org/model, revision: " + "a" * 40 + "}\n"
-        "variants:\n  maw-20: {method: MAW, pruning_percentage: 20}\n  maw-20: {method: MAW, pruning_percentage: 30}\n"
-    )
-    done = subprocess.run([*cli, "validate", "--params", str(duplicated)], cwd=ROOT, capture_output=True, text=True,
-                          env=dvc_env())
-    assert done.returncode == 2 and "'maw-20' is given twice" in done.stderr and "Traceback" not in done.stderr
-
-    unreachable = tmp_path / "hub.yaml"
-    unreachable.write_text("base: {source: hf, repo_id: org/model, revision: " + "a" * 40 + "}\n")
-    done = subprocess.run([*cli, "download", "--params", str(unreachable)], cwd=tmp_path, capture_output=True,
-                          text=True, env=dvc_env(PYTHONPATH=str(ROOT)))
-    assert done.returncode == 2, done.stderr
-    assert done.stderr.startswith("optipfair-pipeline: error: base.repo_id:") and done.stderr.count("\n") == 1
-    assert not (tmp_path / "models" / "base").exists()
 
 
 def _dvc(project: Path, *args: str, **env) -> subprocess.CompletedProcess:

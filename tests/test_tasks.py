@@ -170,6 +170,7 @@ def _repro(project) -> set:
     return set(re.findall(r"Running stage '([^']+)'", done.stdout + done.stderr))
 
 
+@pytest.mark.slow
 def test_dvc_repro_puts_task_scores_in_metrics_report_and_mlflow_models(tmp_path, tiny_model_dir):
     from mlflow.tracking import MlflowClient
 

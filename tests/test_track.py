@@ -266,6 +266,7 @@ def _in_step(project: Path, uri: str) -> None:
         assert len(history) == 1, history  # nothing was re-measured, so no metric has a second point
 
 
+@pytest.mark.slow
 def test_dvc_repro_keeps_mlflow_matching_the_outputs(tmp_path, tiny_model_dir):
     project = _dvc_project(tmp_path / "project", tiny_model_dir)
     default = f"sqlite:///{project / 'mlflow.db'}"
