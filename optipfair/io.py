@@ -8,6 +8,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import tempfile
 from contextlib import contextmanager
@@ -359,6 +360,7 @@ def staged_directory(target: Path, needed_bytes: Optional[int] = None) -> Iterat
     try:
         yield staging
         _usual_modes(staging)
+        pause_before_rename(target)
         replace_directory(staging, target)
     except BaseException as error:
         written = _size_of(staging)
@@ -378,6 +380,36 @@ def remove_directory(target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` via a temporary sibling and a rename; temporary files of killed writers go first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(path.parent)
+    temporary = path.with_name(_owned_name(path.name, "tmp"))
+    # Not mkstemp: its files are private (0600); this one gets the usual modes (0666 less the umask).
+    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+        pause_before_rename(path)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+# Set to an output's file or directory name, the process writing it stops itself (SIGSTOP) once that
+# output is staged whole, just before its rename: tests/test_faults.py kills it there, at a point the
+# process signals rather than after a guessed delay that a fast stage or a busy machine outruns.
+PAUSE_BEFORE_RENAME = "OPTIPFAIR_PAUSE_BEFORE_RENAME"
+
+
+def pause_before_rename(target: Path) -> None:
+    """Stop this process here if PAUSE_BEFORE_RENAME names `target`; it goes on when sent SIGCONT."""
+    if os.environ.get(PAUSE_BEFORE_RENAME) == Path(target).name:
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
 def replace_directory(staging: Path, target: Path) -> None:
     """Move the finished `staging` directory to `target`, replacing what was there."""
     if target.exists():
@@ -390,17 +422,19 @@ def replace_directory(staging: Path, target: Path) -> None:
 
 
 def remove_stale_staging(parent: Path) -> None:
-    """Remove the staging directories in `parent` left by processes of this host that are gone.
+    """Remove the staging directories and temporary files in `parent` left by processes of this host that are gone.
 
     A `.old-` directory is a model moved aside for its replacement: if the process died before the
     replacement was moved in, the model is put back instead.
     """
     for entry in parent.iterdir():
         owner = _OWNED.match(entry.name)
-        if not owner or owner["host"] != _host() or _process_alive(int(owner["pid"])) or not entry.is_dir():
+        if not owner or owner["host"] != _host() or _process_alive(int(owner["pid"])):
             continue
         home = parent / owner["name"]
-        if owner["kind"] == "old" and not home.exists():
+        if not entry.is_dir():
+            entry.unlink(missing_ok=True)
+        elif owner["kind"] == "old" and not home.exists():
             os.replace(entry, home)
         else:
             shutil.rmtree(entry, ignore_errors=True)

@@ -7,12 +7,10 @@ leaves a half-written file or model that looks finished.
 from __future__ import annotations
 
 import json
-import os
-import secrets
 from pathlib import Path
 from typing import Any, Iterable, List
 
-from optipfair.io import remove_directory
+from optipfair.io import remove_directory, write_bytes_atomic  # write_bytes_atomic: the stages write through layout
 
 MODELS = Path("models")
 REPORTS = Path("reports")
@@ -50,21 +48,6 @@ def metrics_file(name: str) -> Path:
 def heal_file(variant: str) -> Path:
     """The healing record (loss curve, steps, tokens, seconds, options) of `variant`'s healed model."""
     return HEAL / f"{variant}.json"
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temporary sibling and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}")
-    # Not mkstemp: its files are private (0600); this one gets the usual modes (0666 less the umask).
-    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def write_text_atomic(path: Path, text: str) -> None:

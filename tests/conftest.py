@@ -132,6 +132,33 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+@pytest.fixture
+def work_clock(monkeypatch):
+    """optipfair's timing clock made to count work: `count(*models)` makes each forward pass of each
+    model advance it by the model's parameter count.
+
+    Timed this way, the model that does more work is always measured slower, whatever else runs on
+    the machine, so the tests check how timings are taken and combined without racing the clock.
+    """
+    from types import SimpleNamespace
+
+    from optipfair.evaluation import benchmarks
+
+    work = [0]
+
+    def count(*models):
+        for model in models:
+            size = parameter_count(model)
+            model.register_forward_pre_hook(lambda *_, size=size: work.__setitem__(0, work[0] + size))
+
+    monkeypatch.setattr(benchmarks, "time", SimpleNamespace(perf_counter=lambda: float(work[0])))
+    return count
+
+
+def parameter_count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 def dvc_env(**extra) -> dict:
     """The environment of a DVC or pipeline subprocess: this venv's commands first, no user MLflow settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}

@@ -13,10 +13,12 @@ under `optipfair prune`) are in tests/test_io.py; params errors in tests/test_pa
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -86,47 +88,47 @@ def _up_to_date(project: Path) -> None:
     assert json.loads(done.stdout) == {"track": ["always changed"]}, done.stdout
 
 
-def _kill_when(process: subprocess.Popen, ready, how=signal.SIGKILL, timeout: float = 120) -> bool:
-    """Send `how` to `process` as soon as `ready()` is true; False if it finished first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            return False
-        if ready():
-            process.send_signal(how)
-            process.wait(timeout=60)
-            return True
-        time.sleep(0.002)
-    process.kill()
-    raise AssertionError("the stage never reached the point to interrupt")
+def _paused(name: str) -> dict:
+    """The stage's environment that makes it stop itself just before it renames output `name` into place."""
+    from optipfair.io import PAUSE_BEFORE_RENAME
+
+    return dvc_env(**{PAUSE_BEFORE_RENAME: name})
 
 
-def _staging_appears(folder: Path, name: str):
-    return lambda: any(p.name.startswith(f".{name}.tmp-") for p in folder.glob(f".{name}.tmp-*"))
+def _stopped_at_pause(process: subprocess.Popen, timeout: float = 600) -> bool:
+    """Wait until `process` stops itself at its pause point (True) or ends without reaching it (False).
 
-
-def _after_start(seconds: float):
-    started = time.monotonic()
-    return lambda: time.monotonic() - started > seconds
+    The stage signals the point (it stops), so no delay is guessed: a fast stage cannot finish first.
+    """
+    watchdog = threading.Timer(timeout, process.kill)  # one that never gets there must not hang the suite
+    watchdog.start()
+    try:
+        # WNOWAIT: the child stays waitable, so Popen still collects its exit status.
+        return os.waitid(os.P_PID, process.pid, os.WSTOPPED | os.WEXITED | os.WNOWAIT).si_code == os.CLD_STOPPED
+    finally:
+        watchdog.cancel()
 
 
 KILL_POINTS = {
-    # stage command -> when to kill it: while it writes its model, or part way through its work.
-    "download": (["download"], lambda p: _staging_appears(p / "models", "base")),
-    "prune": (["prune", "--variant", "maw-25"], lambda p: _staging_appears(p / "models", "maw-25")),
-    "evaluate": (["evaluate", "--variant", "maw-25"], lambda p: _after_start(6)),
-    "report": (["report"], lambda p: _after_start(3)),
-    "track": (["track"], lambda p: _after_start(4)),
+    # stage command -> the output it is killed just before renaming, all its work done and staged.
+    "download": (["download"], "base"),
+    "prune": (["prune", "--variant", "maw-25"], "maw-25"),
+    "evaluate": (["evaluate", "--variant", "maw-25"], "maw-25.json"),
+    "report": (["report"], "perplexity_vs_parameters.png"),  # after summary.md, before the plots
+    "track": (["track"], "mlflow_runs.json"),  # the MLflow runs are logged, their ledger not yet written
 }
 
 
 @pytest.mark.parametrize("stage", list(KILL_POINTS))
 def test_kill_9_during_a_stage_leaves_nothing_half_written_and_the_next_run_recovers(project, stage):
-    args, ready = KILL_POINTS[stage]
+    args, output = KILL_POINTS[stage]
     outputs_before = {p: p.read_bytes() for p in (project / "reports").rglob("*.json")}
-    process = subprocess.Popen(_stage(project, *args), cwd=project, env=dvc_env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    assert _kill_when(process, ready(project)), f"{stage} finished before it could be killed"
+    process = subprocess.Popen(_stage(project, *args), cwd=project, env=_paused(output),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert _stopped_at_pause(process), f"{stage} ended without reaching the rename of {output}"
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=60) == -signal.SIGKILL
+    assert [p for p in _leftovers(project) if output in p], "the staged output a kill leaves behind"
     # Whatever was there before is still there and whole: outputs are renamed into place complete.
     for path, content in outputs_before.items():
         assert path.read_bytes() == content or json.loads(path.read_text()), path
@@ -148,19 +150,15 @@ def test_kill_9_during_a_stage_leaves_nothing_half_written_and_the_next_run_reco
 def test_ctrl_c_during_prune_is_one_line_and_keeps_the_previous_model(project):
     model = project / "models" / "maw-25" / "model.safetensors"
     before = model.read_bytes()
-    # The tiny model is written in milliseconds: a signal sent when its staging folder appears can land
-    # after the rename. Such a run finished normally (the same model again); the test tries again.
-    for _ in range(5):
-        # Ctrl-C as a terminal sends it: Python leaves SIGINT ignored in a child that inherits it ignored
-        # (a library imported by an earlier test may have set that in this process), so restore the default.
-        process = subprocess.Popen(_stage(project, "prune", "--variant", "maw-25"), cwd=project, env=dvc_env(),
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        interrupted = _kill_when(process, _staging_appears(project / "models", "maw-25"), how=signal.SIGINT)
-        stderr = process.stderr.read()
-        if interrupted and process.returncode != 0:
-            break
-        assert process.returncode == 0 and model.read_bytes() == before, stderr
+    # Ctrl-C as a terminal sends it: Python leaves SIGINT ignored in a child that inherits it ignored
+    # (a library imported by an earlier test may have set that in this process), so restore the default.
+    process = subprocess.Popen(_stage(project, "prune", "--variant", "maw-25"), cwd=project,
+                               env=_paused("maw-25"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert _stopped_at_pause(process), "prune ended without reaching the rename of maw-25"
+    process.send_signal(signal.SIGINT)  # pending while it is stopped, delivered as it goes on
+    process.send_signal(signal.SIGCONT)
+    stderr = process.communicate(timeout=120)[1]
     assert process.returncode == 130, stderr
     assert stderr.strip().splitlines()[-1] == "optipfair-pipeline: error: interrupted; this stage wrote nothing", stderr
     assert "Traceback" not in stderr

@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
-from optipfair.pruning.linalg import invert_spd_in_place
+from optipfair.pruning.linalg import add_product_, invert_spd_in_place, product
+
+THREAD_COUNTS = (1, 2, 3, 4, 8)
+
+
+def _on_each_thread_count(function):
+    """function()'s result on each of THREAD_COUNTS threads (more threads than cores is fine: the split is what matters)."""
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in THREAD_COUNTS:
+            torch.set_num_threads(count)
+            results.append(function())
+        return results
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _gram(n: int, seed: int = 0) -> torch.Tensor:
@@ -32,17 +49,42 @@ def test_it_overwrites_the_matrix_and_allocates_no_second_one():
     torch.testing.assert_close(gram @ _gram(300), torch.eye(300, dtype=torch.float64), rtol=0, atol=1e-6)
 
 
-def test_the_bytes_do_not_depend_on_the_thread_count():
-    gram = _gram(700, seed=1)
+# Widths whose inverse MKL's own threaded products changed on an AMD EPYC (1300: on 2 threads, its last
+# 20 x 20 block summed over 1280), and 700: three blocks and a ragged end.
+@pytest.mark.parametrize("n", [700, 1300])
+def test_the_bytes_do_not_depend_on_the_thread_count(n):
+    gram = _gram(n, seed=1)
+    first, *others = _on_each_thread_count(lambda: invert_spd_in_place(gram.clone()))
+    assert all(torch.equal(first, other) for other in others)
+
+
+# Outputs small next to the inner dimension, which MKL splits between threads: (rows, columns, inner).
+@pytest.mark.parametrize("shape", [(20, 20, 1280), (20, 256, 2560), (600, 300, 256), (8, 20, 512)])
+def test_products_give_the_same_bytes_on_any_thread_count(shape):
+    rows, columns, inner = shape
+    generator = torch.Generator().manual_seed(2)
+    a = torch.randn(rows, inner, generator=generator, dtype=torch.float64)
+    b = torch.randn(columns, inner, generator=generator, dtype=torch.float64).T  # transposed, as H's blocks are used
+    c = torch.randn(rows, columns, generator=generator, dtype=torch.float64)
+    products = _on_each_thread_count(lambda: product(a, b))
+    updates = _on_each_thread_count(lambda: add_product_(c.clone(), a, b, alpha=-1))
+    assert all(torch.equal(products[0], p) for p in products[1:]) and all(torch.equal(updates[0], u) for u in updates[1:])
+    torch.testing.assert_close(products[0], a @ b, rtol=1e-12, atol=1e-12 * inner)
+    torch.testing.assert_close(updates[0], c - a @ b, rtol=1e-12, atol=1e-12 * inner)
+
+
+def test_the_workers_leave_the_callers_thread_settings_alone():
     threads = torch.get_num_threads()
-    results = []
     try:
-        for count in (1, 2, 3):
-            torch.set_num_threads(count)
-            results.append(invert_spd_in_place(gram.clone()))
+        torch.set_num_threads(3)
+        product(torch.ones(600, 600, dtype=torch.float64), torch.ones(600, 600, dtype=torch.float64))
+        seen = []
+        fresh = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))  # new threads start from the process's count
+        fresh.start()
+        fresh.join()
+        assert torch.get_num_threads() == 3 and seen == [3]
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
 
 
 def test_a_matrix_that_is_not_positive_definite_is_refused():

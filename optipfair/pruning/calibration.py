@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from optipfair.errors import OptiPFairError
 from optipfair.pruning.options import DEFAULT_SHRINKAGE
-from optipfair.pruning.linalg import BLOCK, mirror_in_place, one_thread
+from optipfair.pruning.linalg import BLOCK, add_product_, mirror_in_place, one_thread
 from optipfair.pruning.methods import get_method, method_names
 from optipfair.pruning.selection import DEFAULT_DAMPING, refit_down, shrink_correlations
 from optipfair.pruning.surgery import shrink_mlp
@@ -150,7 +150,7 @@ class _DownRecorder(nn.Module):
             # Only the blocks on and above the diagonal: H is symmetric, and this is a third cheaper.
             for start in range(0, rows.shape[1], BLOCK):
                 stop = start + BLOCK
-                self.gram[start:stop, start:].addmm_(rows[:, start:stop].T, rows[:, start:])
+                add_product_(self.gram[start:stop, start:], rows[:, start:stop].T, rows[:, start:])
         self.inputs.append(x)
         return x.new_zeros(()).expand(*x.shape[:-1], self.out_features)
 

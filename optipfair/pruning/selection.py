@@ -17,7 +17,7 @@ from typing import Tuple
 
 import torch
 
-from optipfair.pruning.linalg import BLOCK, invert_spd_in_place, one_thread
+from optipfair.pruning.linalg import BLOCK, add_product_, invert_spd_in_place, one_thread, product
 from optipfair.pruning.surgery import select_kept_pairs
 
 # Ridge damping, as a fraction of the mean diagonal of H; it keeps H invertible. Measured on
@@ -66,9 +66,9 @@ def select_obs(weight: torch.Tensor, gram: torch.Tensor, keep_width: int, dampin
         hinv_s = hinv[block]
         with one_thread():
             inv_ss = torch.linalg.inv(hinv_s[:, block])
-        rows = inv_ss @ hinv_s
-        w.addmm_(w[:, block], rows.float(), alpha=-1)
-        hinv.addmm_(hinv_s.T, rows, alpha=-1)
+        rows = product(inv_ss, hinv_s)
+        add_product_(w, w[:, block], rows.float(), alpha=-1)
+        add_product_(hinv, hinv_s.T, rows, alpha=-1)
         alive[block] = False
         to_remove -= len(block)
     keep = alive.nonzero().squeeze(1)
