@@ -127,6 +127,33 @@ def test_the_file_is_what_llama_cpp_writes_and_k_quant_fallbacks_are_listed(prun
 
 
 @needs_llama_cpp
+def test_a_pruned_qwen2_converts_and_has_the_transformers_perplexity(tmp_path):
+    import io
+
+    import sentencepiece
+
+    from optipfair import PruningOptions, prune
+    from optipfair.io import save_model
+
+    source = save_family_model("qwen2", tmp_path / "qwen2")
+    model, tokenizer = load_model(str(source), "cpu", "float32")
+    pruned = save_model(prune(model, PruningOptions(method="MAW", pruning_percentage=25)), tokenizer,
+                        str(tmp_path / "pruned"))
+    # The converter knows Qwen2's real tokenizer by its hash, not this one trained here: a SentencePiece
+    # model beside it is the vocabulary llama.cpp's converter reads first for Qwen2. Perplexity is computed
+    # on our own token ids, so which vocabulary the file carries does not change it.
+    model_file = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(default_texts()[0][:100000].splitlines()),
+                                             model_writer=model_file, vocab_size=400, model_type="bpe",
+                                             byte_fallback=True, minloglevel=2)
+    (pruned / "tokenizer.model").write_bytes(model_file.getvalue())
+    item = export_gguf(pruned, {"F16": tmp_path / "q.F16.gguf"})["F16"]
+    windows = _windows(pruned)
+    reference = _transformers_perplexity(pruned, windows)
+    assert abs(gguf_perplexity(item.path, windows) / reference - 1) < 0.005
+
+
+@needs_llama_cpp
 def test_a_model_the_converter_refuses_is_one_line_and_leaves_nothing(tmp_path):
     model = save_family_model("qwen2", tmp_path / "qwen2")
     target = tmp_path / "out" / "q.gguf"
@@ -209,3 +236,50 @@ def test_validate_warns_when_a_k_quant_meets_a_width_that_is_not_a_multiple_of_2
     assert "variants.r-25: kept MLP width 1152 is not a multiple of 256" in lines[1]
     # No K-quant asked: nothing to warn about.
     assert width_warnings(load_params(_params(tmp_path, variants=variants, export={"formats": ["F16", "Q8_0"]}))) == []
+
+
+@needs_llama_cpp
+def test_the_stage_exports_measures_and_reports_each_model(llama_dir, pruned_dir, tmp_path, monkeypatch):
+    from pipeline import export as stage
+    from pipeline.report import gguf_markdown
+    from pipeline.results import gguf_metrics
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(llama_dir, tmp_path / "models" / "base")
+    shutil.copytree(pruned_dir, tmp_path / "models" / "v")
+    save_family_model("qwen2", tmp_path / "models" / "q")  # a tokenizer llama.cpp's converter does not know
+    variants = {"v": {"method": "MAW", "pruning_percentage": 30}, "q": {"method": "MAW"}}
+    params = load_params(_params(tmp_path, variants=variants, export={"formats": ["F16", "Q4_K_M"]},
+                                 evaluate={"num_tokens": 256, "seq_len": 64, "max_new_tokens": 4, "num_runs": 2}))
+    base = stage.run(params, "base")
+    variant = stage.run(params, "v")
+    skipped = stage.run(params, "q")  # recorded, not fatal
+    assert "pre-tokenizer was not recognized" in skipped["skipped"] and skipped["formats"] == {}
+    assert sorted(p.name for p in (tmp_path / "models" / "gguf" / "v").iterdir()) == [
+        "export.json", "v.F16.gguf", "v.Q4_K_M.gguf"]
+    assert json.loads((tmp_path / "reports" / "gguf" / "v.json").read_text()) == variant
+    f16, q4 = variant["formats"]["F16"], variant["formats"]["Q4_K_M"]
+    assert f16["eval_tokens"] == 256 and q4["size_mb"] < f16["size_mb"]
+    assert {"prefill_speedup", "generation_speedup"} <= set(f16) and "prefill_speedup" not in base["formats"]["F16"]
+    # 90-pair MLP: the ffn_down rows fall back, in both layers, and the report says so.
+    assert {"tensor": "ffn_down.weight", "ncols": 90, "count": 2} .items() <= next(
+        g for g in q4["fallbacks"] if g["tensor"] == "ffn_down.weight").items()
+    flat = gguf_metrics("v")
+    assert flat["gguf.F16.perplexity_ratio"] == round(f16["perplexity"] / base["formats"]["F16"]["perplexity"], 4)
+    table = gguf_markdown(params)
+    assert "| v | Q4_K_M |" in table and "- v Q4_K_M: 2 × ffn_down.weight (90 columns)" in table
+    assert "- q: " in table and "pre-tokenizer was not recognized" in table
+
+
+def test_the_stage_without_llama_cpp_stops_in_one_line_and_writes_nothing(llama_dir, tmp_path, monkeypatch):
+    from pipeline import export as stage
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OPTIPFAIR_LLAMA_CPP", str(tmp_path / "nowhere"))
+    shutil.copytree(llama_dir, tmp_path / "models" / "base")
+    params = load_params(_params(tmp_path, export={"formats": ["Q4_K_M"]}))
+    with pytest.raises(OptiPFairError, match=r"^llama\.cpp is not installed .*run tools/build_llama_cpp\.sh"):
+        stage.run(params, "base")
+    assert not (tmp_path / "models" / "gguf").exists() and not (tmp_path / "reports").exists()
+    # Nothing asked, nothing needed: the folder and an empty record.
+    assert stage.run(load_params(_params(tmp_path, export={"formats": []})), "base") == {"formats": {}}
