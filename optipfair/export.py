@@ -203,8 +203,11 @@ def gguf_perplexity(path: str | Path, windows, threads: Optional[int] = None) ->
     llama_cpp = _bindings()
     windows = [list(map(int, window)) for window in windows.tolist()]
     seq_len = len(windows[0])
-    model = llama_cpp.Llama(model_path=str(path), n_ctx=seq_len, n_batch=seq_len, n_ubatch=seq_len, logits_all=True,
-                            n_threads=threads or _threads(), n_threads_batch=threads or _threads(), verbose=False)
+    try:
+        model = llama_cpp.Llama(model_path=str(path), n_ctx=seq_len, n_batch=seq_len, n_ubatch=seq_len, logits_all=True,
+                                n_threads=threads or _threads(), n_threads_batch=threads or _threads(), verbose=False)
+    except ValueError as error:  # the bindings hide llama.cpp's log; llama-bench shows why
+        raise OptiPFairError(f"llama.cpp cannot load {path} ({error}); run llama-bench -m {path} to see why") from None
     total_nll, total_tokens = 0.0, 0
     try:
         for window in windows:

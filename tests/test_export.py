@@ -54,7 +54,14 @@ CHAT_TEMPLATE = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory) -> Path:
     """A tiny Llama-architecture checkpoint (Mistral family) with a chat template, as a user saves one."""
+    from optipfair.io import save_model
+
     path = save_family_model("mistral", tmp_path_factory.mktemp("mistral") / "model")
+    # llama.cpp's converter writes this tokenizer's own tokens (496), and llama.cpp wants one embedding row
+    # per token: the tiny family model has 512 rows (real checkpoints of this tokenizer kind match).
+    model, tokenizer = load_model(str(path), "cpu", "float32")
+    model.resize_token_embeddings(len(tokenizer))
+    save_model(model, tokenizer, str(path))
     config_file = path / "tokenizer_config.json"
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "chat_template": CHAT_TEMPLATE}))
     return path
@@ -262,12 +269,14 @@ def test_the_stage_exports_measures_and_reports_each_model(llama_dir, pruned_dir
     assert f16["eval_tokens"] == 256 and q4["size_mb"] < f16["size_mb"]
     assert {"prefill_speedup", "generation_speedup"} <= set(f16) and "prefill_speedup" not in base["formats"]["F16"]
     # 90-pair MLP: the ffn_down rows fall back, in both layers, and the report says so.
-    assert {"tensor": "ffn_down.weight", "ncols": 90, "count": 2} .items() <= next(
-        g for g in q4["fallbacks"] if g["tensor"] == "ffn_down.weight").items()
+    # (Q4_K_M writes some layers' ffn_down in Q6_K, whose fallback is another type: one group per pair of types.)
+    down = [g for g in q4["fallbacks"] if g["tensor"] == "ffn_down.weight"]
+    assert sum(g["count"] for g in down) == 2 and {g["ncols"] for g in down} == {90}
     flat = gguf_metrics("v")
     assert flat["gguf.F16.perplexity_ratio"] == round(f16["perplexity"] / base["formats"]["F16"]["perplexity"], 4)
     table = gguf_markdown(params)
-    assert "| v | Q4_K_M |" in table and "- v Q4_K_M: 2 × ffn_down.weight (90 columns)" in table
+    assert "| v | Q4_K_M |" in table
+    assert f"- v Q4_K_M: {down[0]['count']} × ffn_down.weight (90 columns): {down[0]['type']} → {down[0]['fallback']}" in table
     assert "- q: " in table and "pre-tokenizer was not recognized" in table
 
 
