@@ -198,7 +198,7 @@ def gguf_perplexity(path: str | Path, windows, threads: Optional[int] = None) ->
     """exp(mean next-token NLL) of the GGUF model at `path` over `windows` [n, seq_len], each an independent
     context, as optipfair.evaluation.perplexity computes it with transformers (positions 1 onwards are
     predicted), but with llama.cpp's own forward pass."""
-    import numpy as np
+    import torch
 
     llama_cpp = _bindings()
     windows = [list(map(int, window)) for window in windows.tolist()]
@@ -213,10 +213,8 @@ def gguf_perplexity(path: str | Path, windows, threads: Optional[int] = None) ->
         for window in windows:
             model.reset()
             model.eval(window)
-            logits = np.asarray(model.scores[: seq_len - 1], dtype=np.float64)
-            top = logits.max(axis=1)
-            log_norm = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
-            total_nll += float((log_norm - logits[np.arange(seq_len - 1), window[1:]]).sum())
+            logits = torch.from_numpy(model.scores[: seq_len - 1])  # float32, as transformers' figure is computed
+            total_nll += torch.nn.functional.cross_entropy(logits, torch.tensor(window[1:]), reduction="sum").item()
             total_tokens += seq_len - 1
     finally:
         model.close()
