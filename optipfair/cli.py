@@ -1,4 +1,4 @@
-"""The `optipfair` command: `prune` a model, `heal` a pruned one, `analyze` one before pruning it.
+"""The `optipfair` command: `prune` a model, `heal` a pruned one, `analyze` one before pruning it, `export` one to GGUF.
 
 Bad input ends in one line on stderr and a non-zero exit, before anything is written.
 """
@@ -382,6 +382,38 @@ def _analysis_summary(result: Dict[str, Any]):
         yield "  layer importance  (1 - cos(input, output); rank 1 = first to remove with DEPTH)"
         for index, score in enumerate(scores):
             yield f"    layer {index:>3}     {score:.4f}   rank {ranks[index]}"
+
+
+@app.command()
+def export(
+    model_path: str = typer.Option(..., "--model-path", help="A saved model directory (config.json + safetensors + tokenizer)."),
+    output_path: str = typer.Option(..., "--output-path", help="The GGUF file to write, e.g. model.Q4_K_M.gguf."),
+    format: str = typer.Option("Q4_K_M", "--format", help="F16, BF16, F32, Q8_0, Q4_K_M, ... (llama.cpp's names)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result (file, size, fallbacks) as JSON."),
+) -> None:
+    """Write a model as GGUF with llama.cpp's own converter and quantizer (needs tools/build_llama_cpp.sh).
+
+    K-quants (Q4_K_M, ...) need rows that are multiples of 256 values: a tensor whose rows are not is
+    written in another type by llama.cpp; the summary lists those tensors.
+    """
+    from optipfair.export import check_format, export_gguf
+
+    try:
+        try:
+            check_format(format)
+        except OptionError as error:
+            raise OptiPFairError(f"--format: {error.problem}") from None
+        item = export_gguf(model_path, {format: output_path})[format]
+    except OptiPFairError as error:
+        _fail(str(error))
+    except KeyboardInterrupt:
+        _fail("interrupted; nothing was written", code=130)
+    result = {"output_path": str(item.path), "format": item.format, "size_bytes": item.size_bytes,
+              "fallbacks": item.fallbacks}
+    lines = [f"saved {item.path}: {item.format}, {item.size_bytes / 1e6:.1f} MB"]
+    lines += [f"  {f['tensor']}: {f['ncols']} columns, not a multiple of 256: {f['type']} -> {f['fallback']}"
+              for f in item.fallbacks]
+    _print_result(result, as_json, lines)
 
 
 if __name__ == "__main__":  # pragma: no cover

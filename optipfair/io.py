@@ -13,7 +13,7 @@ import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -408,6 +408,39 @@ def pause_before_rename(target: Path) -> None:
     """Stop this process here if PAUSE_BEFORE_RENAME names `target`; it goes on when sent SIGCONT."""
     if os.environ.get(PAUSE_BEFORE_RENAME) == Path(target).name:
         os.kill(os.getpid(), signal.SIGSTOP)
+
+
+@contextmanager
+def staged_files(targets: List[Path], needed_bytes: Optional[int] = None) -> Iterator[Path]:
+    """A new empty scratch directory beside the first of `targets`, in which the block writes each target
+    under its own name; when the block ends normally they are all renamed into place.
+
+    As `staged_directory`: on any error nothing is moved and the scratch is removed, so no target is ever
+    half-written; leftovers of killed runs are removed first; a full disk is one line.
+    """
+    targets = [Path(target) for target in targets]
+    for target in targets:
+        if target.is_dir():
+            raise OptiPFairError(f"output path {target} is a directory; give a file name")
+        _check_writable(target)
+    first = targets[0]
+    first.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(first.parent)
+    scratch = first.with_name(_owned_name(first.name, "tmp"))
+    scratch.mkdir()
+    try:
+        yield scratch
+        _usual_modes(scratch)
+        for target in targets:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(scratch / target.name, target)
+    except BaseException as error:
+        written = _size_of(scratch)
+        if _is_disk_full(error):
+            raise OptiPFairError(_disk_full_message(first, needed_bytes, written)) from error
+        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def replace_directory(staging: Path, target: Path) -> None:

@@ -18,7 +18,7 @@ from pipeline.params import BASE_NAME, HEALED_SUFFIX, Params, healed_name, load_
 app = typer.Typer(
     name="optipfair-pipeline",
     help=(
-        "Stages of the optipfair pruning pipeline: download -> analyze -> prune (-> heal) -> evaluate -> report "
+        "Stages of the optipfair pruning pipeline: download -> analyze -> prune (-> heal) -> evaluate (+ export) -> report "
         "-> track. "
         "`dvc repro` runs them all and only what changed; each command here runs one stage by hand."
     ),
@@ -56,6 +56,10 @@ def validate(params: Path = PARAMS_OPTION) -> None:
     loss curve or model directory behind for the report or a user to mistake for a current one.
     """
     checked = _run(lambda p: p, params)
+    from pipeline.widths import width_warnings
+
+    for line in width_warnings(checked):
+        typer.echo(f"optipfair-pipeline: warning: {line}", err=True)
     healed = f"; healed: {', '.join(checked.heal)}" if checked.heal else ""
     typer.echo(f"{params}: OK; base from {checked.base['source']}, variants: {', '.join(checked.variants) or 'none'}"
                f"{healed}")
@@ -146,6 +150,27 @@ def evaluate(
     typer.echo(
         f"{variant}: perplexity {metrics['perplexity']:.2f}, {metrics['parameters'] / 1e6:.1f}M parameters, {speed}"
     )
+
+
+@app.command()
+def export(
+    variant: str = typer.Option(
+        ..., "--variant", "-v", help=f"`{BASE_NAME}`, the name of a variant or `<variant>{HEALED_SUFFIX}`."
+    ),
+    params: Path = PARAMS_OPTION,
+) -> None:
+    """Write one model as GGUF in each of `export.formats` (llama.cpp's converter and quantizer) and measure
+    each in llama.cpp, into models/gguf/<variant>/ and reports/gguf/<variant>.json."""
+    from pipeline import export as stage
+
+    record = _run(lambda p: stage.run(p, variant), params)
+    if "skipped" in record:
+        typer.echo(f"{variant}: not exported: {record['skipped']}")
+    for fmt, figures in record["formats"].items():
+        speed = (f", prefill x{figures['prefill_speedup']:.2f}, generation x{figures['generation_speedup']:.2f}"
+                 if "prefill_speedup" in figures else
+                 f", prefill {figures['prefill_tokens_per_s']:.0f} tok/s, generation {figures['generation_tokens_per_s']:.1f} tok/s")
+        typer.echo(f"{variant} {fmt}: {figures['size_mb']:.1f} MB, perplexity {figures['perplexity']:.2f}{speed}")
 
 
 @app.command()

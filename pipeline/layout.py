@@ -27,6 +27,9 @@ PLOT_FILES = {
     "speed": PLOTS / "speed_vs_parameters.png",
     "tasks": PLOTS / "tasks_vs_parameters.png",
 }
+# Written by export@<model>: its GGUF files (models/gguf/<name>/) and their llama.cpp figures.
+GGUF = MODELS / "gguf"
+GGUF_METRICS = REPORTS / "gguf"
 # The method comparison measured by benchmarks/quality.py (too slow for a stage), linked from the report.
 QUALITY_BENCHMARK = Path("benchmarks/results/quality.md")
 # Written inside models/base by the download stage: where the base model came from.
@@ -43,6 +46,21 @@ def model_dir(name: str) -> Path:
 def metrics_file(name: str) -> Path:
     """The metrics JSON of model `name`."""
     return METRICS / f"{name}.json"
+
+
+def gguf_dir(name: str) -> Path:
+    """The folder of model `name`'s GGUF files (and export.json: what llama.cpp wrote, its fallbacks)."""
+    return GGUF / name
+
+
+def gguf_file(name: str, fmt: str) -> Path:
+    """Model `name` as GGUF in format `fmt`: models/gguf/<name>/<name>.<fmt>.gguf."""
+    return gguf_dir(name) / f"{name}.{fmt}.gguf"
+
+
+def gguf_metrics_file(name: str) -> Path:
+    """Model `name`'s GGUF figures measured in llama.cpp, per format."""
+    return GGUF_METRICS / f"{name}.json"
 
 
 def heal_file(variant: str) -> Path:

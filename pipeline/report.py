@@ -8,7 +8,7 @@ from typing import Dict, List
 
 from pipeline import layout
 from pipeline.params import BASE_NAME, Params, healed_from
-from pipeline.results import base_analysis, collect, reductions, with_ratios
+from pipeline.results import base_analysis, collect, gguf_metrics, gguf_record, reductions, with_ratios
 from pipeline.texts import out_of_domain_label
 
 
@@ -16,7 +16,7 @@ def run(params: Params) -> str:
     """Write the summary table and the plots for the models listed in params; returns the table."""
     analysis = base_analysis()
     rows = {name: {**m, **reductions(m, analysis)} for name, m in with_ratios(collect(params)).items()}
-    table = summary_markdown(params, rows, analysis)
+    table = summary_markdown(params, rows, analysis) + gguf_markdown(params)
     layout.write_text_atomic(layout.SUMMARY, table)
     _plots(rows)
     return table
@@ -232,3 +232,43 @@ def _save(figure, path) -> None:
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
     plt.close(figure)
     layout.write_bytes_atomic(path, buffer.getvalue())
+
+
+def gguf_markdown(params: Params) -> str:
+    """The GGUF table (model x format, measured in llama.cpp by the export stage), and which tensors llama.cpp
+    stored in another type than the format's; empty when nothing is exported."""
+    names = [name for name in params.model_names() if gguf_record(name)]
+    if not any(gguf_record(name).get("formats") or gguf_record(name).get("skipped") for name in names):
+        return ""
+    lines = [
+        "", "## GGUF in llama.cpp", "",
+        "| model | format | size (MB) | perplexity | out-of-domain perplexity | prefill tok/s | generation tok/s |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    fallbacks, skipped = [], []
+    for name in names:
+        record, flat = gguf_record(name), gguf_metrics(name)
+        if record.get("skipped"):
+            skipped.append(f"- {name}: {record['skipped']}")
+        for fmt, m in record.get("formats", {}).items():
+            ratio = (lambda key: "" if f"gguf.{fmt}.{key}" not in flat else f" (×{flat[f'gguf.{fmt}.{key}']:.2f})")
+            lines.append(
+                f"| {name} | {fmt} | {m['size_mb']:.0f} | {m['perplexity']:.2f}{ratio('perplexity_ratio')} "
+                f"| {m['perplexity_out_of_domain']:.2f}{ratio('perplexity_out_of_domain_ratio')} "
+                f"| {m['prefill_tokens_per_s']:.0f}{ratio('prefill_speedup')} "
+                f"| {m['generation_tokens_per_s']:.1f}{ratio('generation_speedup')} |"
+            )
+            fallbacks += [f"- {name} {fmt}: {g['count']} × {g['tensor']} ({g['ncols']} columns): {g['type']} → "
+                          f"{g['fallback']}" for g in m["fallbacks"]]
+    lines += [
+        "",
+        "Written by llama.cpp's own converter and quantizer, measured in llama.cpp on the same windows as the "
+        "table above; ratios (×) relative to the base model in the same format, speed timed side by side with it "
+        f"(llama-bench, median of {params.evaluate['num_runs']} alternating rounds).",
+    ]
+    if fallbacks:
+        lines += ["", "Tensors llama.cpp stored in another type than the format's, because their rows are not a "
+                      "multiple of 256 values (K-quants; `round_to: 256` avoids it for the MLP width):", "", *fallbacks]
+    if skipped:
+        lines += ["", "Not exported:", "", *skipped]
+    return "\n".join(lines) + "\n"

@@ -115,3 +115,25 @@ def healed_ratios(name: str, metrics_by_name: Dict[str, dict]) -> Dict[str, floa
         return {}
     healed, unhealed = metrics_by_name[name], metrics_by_name[variant]
     return {ratio: round(healed[metric] / unhealed[metric], 4) for metric, ratio in HEALED_RATIOS.items()}
+
+
+def gguf_record(name: str) -> dict:
+    """What export@<name> measured in llama.cpp (reports/gguf/<name>.json); {} before the stage ran."""
+    path = layout.gguf_metrics_file(name)
+    return layout.read_json(path) if path.is_file() else {}
+
+
+def gguf_metrics(name: str) -> Dict[str, float]:
+    """Model `name`'s llama.cpp figures as flat numbers (`gguf.<format>.<figure>`), with the ratio of each
+    variant's perplexity to the base model's in the same format (`gguf.<format>.perplexity_ratio`)."""
+    formats, base = gguf_record(name).get("formats", {}), gguf_record(BASE_NAME).get("formats", {})
+    flat = {}
+    for fmt, figures in formats.items():
+        for key, value in figures.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                flat[f"gguf.{fmt}.{key}"] = value
+        flat[f"gguf.{fmt}.fallback_tensors"] = sum(group["count"] for group in figures.get("fallbacks", []))
+        if name != BASE_NAME and fmt in base:
+            for metric in ("perplexity", "perplexity_out_of_domain"):
+                flat[f"gguf.{fmt}.{metric}_ratio"] = round(figures[metric] / base[fmt][metric], 4)
+    return flat

@@ -45,7 +45,7 @@ from optipfair.errors import OptiPFairError
 from pipeline import layout
 from pipeline.params import BASE_NAME, Params, healed_from
 from pipeline.layout import PLOT_FILES
-from pipeline.results import collect, task_metrics, with_ratios
+from pipeline.results import collect, gguf_metrics, task_metrics, with_ratios
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 KEY_TAG = "optipfair.run_key"
@@ -188,6 +188,8 @@ def _sync(params: Params, all_metrics: Dict[str, dict], uri: str) -> Dict[str, d
     for model, metrics in all_metrics.items():
         metrics_path = layout.metrics_file(model)
         artifacts = [metrics_path, *shared_artifacts]
+        if layout.gguf_metrics_file(model).is_file():
+            artifacts.append(layout.gguf_metrics_file(model))  # the llama.cpp figures (export stage)
         heal_record = None
         if healed_from(model):
             artifacts.append(layout.heal_file(healed_from(model)))
@@ -196,7 +198,7 @@ def _sync(params: Params, all_metrics: Dict[str, dict], uri: str) -> Dict[str, d
         content_sha = hashlib.sha256(b"".join(hashlib.sha256(p.read_bytes()).digest() for p in artifacts)).hexdigest()
         key = run_key(params, model)
         found = client.search_runs([experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{key}'", max_results=1)
-        values = {k: float(v) for k, v in {**metrics, **task_metrics(metrics)}.items()
+        values = {k: float(v) for k, v in {**metrics, **task_metrics(metrics), **gguf_metrics(model)}.items()
                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
         digest = dvc_hash(model)
         if heal_record:

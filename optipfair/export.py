@@ -1,0 +1,234 @@
+"""GGUF export with llama.cpp's own tools, and measurement in llama.cpp.
+
+llama.cpp (and Ollama, LM Studio) read GGUF only. The files written here are what llama.cpp itself
+writes: its converter (`convert_hf_to_gguf.py`: architecture metadata, tokenizer, chat template)
+turns a saved Hugging Face directory into an F16 (or F32, BF16) GGUF, and its quantizer
+(`llama-quantize`) makes every other format from that. Both come from the llama.cpp vendored in
+one pinned llama-cpp-python sdist, built by `tools/build_llama_cpp.sh` into `.llama.cpp/` of the
+checkout (or the folder `$OPTIPFAIR_LLAMA_CPP` names). This module never writes GGUF itself, and
+the library imports without llama.cpp: only these functions need it.
+
+Measurement: perplexity over given token windows through llama.cpp's Python bindings, so the
+windows are exactly those of the transformers evaluation (`llama-perplexity` tokenizes the text
+itself and scores only the second half of each window); prefill and generation tokens/s with
+`llama-bench`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from optipfair.errors import OptiPFairError, OptionError
+
+# The llama-cpp-python sdist whose vendored llama.cpp tools/build_llama_cpp.sh builds.
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+# Written by llama.cpp's converter straight from the Hugging Face weights (its --outtype).
+CONVERTER_FORMATS = {"F32": "f32", "F16": "f16", "BF16": "bf16"}
+# Made by llama-quantize from the F16 file (its own names for the types).
+QUANTIZED_FORMATS = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0",
+                     "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K")
+FORMATS = (*CONVERTER_FORMATS, *QUANTIZED_FORMATS)
+# A K-quant block holds 256 values of one row (QK_K in ggml): a tensor whose rows are not a multiple of
+# it is written in another type (llama-quant.cpp, tensor_type_fallback: Q4_K -> Q5_0, Q6_K -> Q8_0, ...).
+K_QUANT_ROW = 256
+
+# llama-quantize's line for a tensor whose rows do not fit the asked type (llama-quant.cpp).
+_FALLBACK = re.compile(r"warning: (?P<tensor>\S+)\s+- ncols\s+(?P<ncols>\d+) not divisible by\s+\d+ "
+                       r"\(required for type\s+(?P<type>\S+)\).*?-> falling back to\s+(?P<fallback>\S+)")
+
+
+class UnsupportedModel(OptiPFairError):
+    """llama.cpp's converter refused the model (an architecture or tokenizer it does not know)."""
+
+
+def check_format(name: str) -> str:
+    """`name` if llama.cpp can write it, else an OptionError (field `format`) listing the formats."""
+    if name not in FORMATS:
+        raise OptionError("format", f"unknown GGUF format {name!r}; choose one of {', '.join(FORMATS)}")
+    return name
+
+
+def is_k_quant(name: str) -> bool:
+    """Whether GGUF format `name` is a K-quant (rows must be multiples of K_QUANT_ROW)."""
+    return "_K" in name
+
+
+@dataclass
+class Exported:
+    """One GGUF file written by `export_gguf`."""
+
+    path: Path
+    format: str
+    size_bytes: int
+    # Tensors llama-quantize wrote in another type than the format's, as it logged them:
+    # {"tensor": "blk.0.ffn_down.weight", "ncols": 1229, "type": "q4_K", "fallback": "q5_0"}.
+    fallbacks: List[dict] = field(default_factory=list)
+
+
+def llama_cpp_home() -> Path:
+    """Where tools/build_llama_cpp.sh put llama.cpp: $OPTIPFAIR_LLAMA_CPP, else .llama.cpp/ of this checkout."""
+    return Path(os.environ.get("OPTIPFAIR_LLAMA_CPP") or Path(__file__).resolve().parent.parent / ".llama.cpp")
+
+
+def _install_hint(home: Path) -> str:
+    return (f"llama.cpp is not installed ({home} has no llama-quantize): run tools/build_llama_cpp.sh in the optipfair "
+            f"checkout (llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}'s llama.cpp, about 8 min on 2 cores), or set "
+            "OPTIPFAIR_LLAMA_CPP to the folder it built")
+
+
+def _tool(name: str) -> Path:
+    home = llama_cpp_home()
+    path = home / "bin" / name
+    if not os.access(path, os.X_OK):
+        raise OptiPFairError(_install_hint(home))
+    return path
+
+
+def _converter() -> Path:
+    _tool("llama-quantize")  # one message for a partial install too
+    return llama_cpp_home() / "src" / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
+
+
+def check_installed() -> None:
+    """Raise the one-line install hint when llama.cpp (tools, converter, bindings) is missing."""
+    for tool in ("llama-quantize", "llama-bench"):
+        _tool(tool)
+    if not _converter().is_file():
+        raise OptiPFairError(_install_hint(llama_cpp_home()))
+    _bindings()
+
+
+def export_gguf(model_path: str | Path, targets: Dict[str, str | Path], threads: Optional[int] = None) -> Dict[str, Exported]:
+    """Write the model saved in `model_path` as GGUF: `targets` maps each format to its file.
+
+    llama.cpp's converter runs once (F16, plus F32/BF16 when asked) and llama-quantize makes each
+    quantized format from the F16 file. Every file is written in a scratch folder beside the first
+    target and renamed into place only when all are done: a failure (the converter refusing the
+    model, a full disk) leaves none of them half-written. Raises UnsupportedModel with the
+    converter's reason when it cannot convert the model.
+    """
+    from optipfair.io import staged_files
+
+    model_path = Path(model_path)
+    if not (model_path / "config.json").is_file():
+        raise OptiPFairError(f"{model_path} is not a model directory (no config.json)")
+    targets = {check_format(name): Path(path) for name, path in targets.items()}
+    if not targets:
+        return {}
+    check_installed()
+    weights = sum(f.stat().st_size for f in model_path.glob("*.safetensors"))
+    fallbacks = {}
+    with staged_files(list(targets.values()), needed_bytes=weights) as scratch:
+        f16 = scratch / ".converted.F16.gguf"
+        if any(name not in CONVERTER_FORMATS or name == "F16" for name in targets):
+            _convert(model_path, f16, "f16")
+        for name, target in targets.items():
+            if name in QUANTIZED_FORMATS:
+                fallbacks[name] = _quantize(f16, scratch / target.name, name, threads)
+            elif name != "F16":
+                _convert(model_path, scratch / target.name, CONVERTER_FORMATS[name])
+        if "F16" in targets:
+            os.replace(f16, scratch / targets["F16"].name)
+        f16.unlink(missing_ok=True)
+    return {name: Exported(target, name, target.stat().st_size, fallbacks.get(name, []))
+            for name, target in targets.items()}
+
+
+def _run(command: List[str], what: str) -> str:
+    """Run a llama.cpp tool; its combined output. A full disk raises ENOSPC (the caller's one line)."""
+    result = subprocess.run(command, capture_output=True, text=True, errors="replace")
+    output = result.stdout + result.stderr
+    if result.returncode != 0:
+        if "No space left on device" in output:
+            raise OSError(28, "No space left on device")
+        raise OptiPFairError(f"{what} failed: {_reason(output)}")
+    return output
+
+
+def _reason(output: str) -> str:
+    """The line that says why a llama.cpp tool failed: its last error line, else its last line."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("ERROR:") or "Error:" in line or "error:" in line]
+    line = (errors or lines or ["no output"])[-1]
+    return re.sub(r"^ERROR:[\w-]+:", "", line).strip()
+
+
+def _convert(model_path: Path, output: Path, outtype: str) -> None:
+    try:
+        _run([sys.executable, str(_converter()), str(model_path), "--outfile", str(output), "--outtype", outtype],
+             "llama.cpp's converter")
+    except OSError:
+        raise
+    except OptiPFairError as error:
+        reason = str(error).split("failed: ", 1)[-1]
+        raise UnsupportedModel(f"{model_path}: llama.cpp's converter cannot convert it: {reason}") from None
+
+
+def _quantize(source: Path, output: Path, name: str, threads: Optional[int]) -> List[dict]:
+    command = [str(_tool("llama-quantize")), str(source), str(output), name, str(threads or _threads())]
+    log = _run(command, f"llama-quantize {name}")
+    return [{"tensor": m["tensor"], "ncols": int(m["ncols"]), "type": m["type"], "fallback": m["fallback"]}
+            for m in _FALLBACK.finditer(log)]
+
+
+def _threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _bindings():
+    """llama.cpp's Python bindings, loading the library tools/build_llama_cpp.sh built."""
+    home = llama_cpp_home()
+    os.environ.setdefault("LLAMA_CPP_LIB_PATH", str(home / "bin"))
+    try:
+        import llama_cpp
+    except (ImportError, OSError, RuntimeError, FileNotFoundError):
+        raise OptiPFairError(_install_hint(home)) from None
+    return llama_cpp
+
+
+def gguf_perplexity(path: str | Path, windows, threads: Optional[int] = None) -> float:
+    """exp(mean next-token NLL) of the GGUF model at `path` over `windows` [n, seq_len], each an independent
+    context, as optipfair.evaluation.perplexity computes it with transformers (positions 1 onwards are
+    predicted), but with llama.cpp's own forward pass."""
+    import torch
+
+    llama_cpp = _bindings()
+    windows = [list(map(int, window)) for window in windows.tolist()]
+    seq_len = len(windows[0])
+    try:
+        model = llama_cpp.Llama(model_path=str(path), n_ctx=seq_len, n_batch=seq_len, n_ubatch=seq_len, logits_all=True,
+                                n_threads=threads or _threads(), n_threads_batch=threads or _threads(), verbose=False)
+    except ValueError as error:  # the bindings hide llama.cpp's log; llama-bench shows why
+        raise OptiPFairError(f"llama.cpp cannot load {path} ({error}); run llama-bench -m {path} to see why") from None
+    total_nll, total_tokens = 0.0, 0
+    try:
+        for window in windows:
+            model.reset()
+            model.eval(window)
+            logits = torch.from_numpy(model.scores[: seq_len - 1])  # float32, as transformers' figure is computed
+            total_nll += torch.nn.functional.cross_entropy(logits, torch.tensor(window[1:]), reduction="sum").item()
+            total_tokens += seq_len - 1
+    finally:
+        model.close()
+    return math.exp(total_nll / total_tokens)
+
+
+def gguf_speed(path: str | Path, prompt_tokens: int, new_tokens: int, threads: Optional[int] = None) -> Dict[str, float]:
+    """llama-bench's prefill (`prompt_tokens` at once) and generation (`new_tokens`) tokens/s, one run after its warm-up."""
+    command = [str(_tool("llama-bench")), "-m", str(path), "-p", str(prompt_tokens), "-n", str(new_tokens), "-r", "1",
+               "-t", str(threads or _threads()), "-o", "json"]
+    output = subprocess.run(command, capture_output=True, text=True, errors="replace")
+    if output.returncode != 0:
+        raise OptiPFairError(f"llama-bench on {path} failed: {_reason(output.stdout + output.stderr)}")
+    speeds = {}
+    for record in json.loads(output.stdout):
+        speeds["prefill" if record["n_gen"] == 0 else "generation"] = float(record["avg_ts"])
+    return speeds
