@@ -40,6 +40,7 @@ def _prune(model_dir, output, threads: int, method: str) -> str:
     return hashlib.sha256((output / "model.safetensors").read_bytes()).hexdigest()
 
 
+@pytest.mark.slow  # calibrated pruning in separate processes
 def test_calibrated_prune_is_byte_identical_across_thread_counts(wide_model_dir, tmp_path):
     # OBS, the default calibrated method: before its factorizations were kept on one thread, this failed.
     one = _prune(wide_model_dir, tmp_path / "one", 1, "OBS")

@@ -99,6 +99,7 @@ def _train_on_answers(model, tokenizer, steps: int = 60):
     return model.eval()
 
 
+@pytest.mark.slow  # trains a model, then three lm-eval runs
 def test_a_model_that_learnt_the_answers_scores_higher_than_one_that_did_not(tiny_tokenizer):
     untrained = make_tiny_model("llama", seed=1)
     trained = _train_on_answers(copy.deepcopy(untrained), tiny_tokenizer)
