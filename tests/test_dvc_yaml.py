@@ -160,16 +160,26 @@ def problems(dvc: dict, params: dict | None = None) -> List[str]:
         read = params_read(code, stage["foreach"], healed='"${key}+healed"' in stage["cmd"])
         found += [f"{name}: params lack {section}" for section in sorted(read - declared)]
         found += [f"{name}: params list {section}, which its code does not read" for section in sorted(declared - read)]
-        named = {path for section in read for path in repo_paths(section_values(params, section))}
+        calls = {node.func.id if isinstance(node.func, ast.Name) else node.func.attr
+                 for tree in code.values() for node in ast.walk(tree)
+                 if isinstance(node, ast.Call) and isinstance(node.func, (ast.Name, ast.Attribute))}
+        named = {path for key, reader in FILE_READERS.items() if key.split(".")[0] in read and reader in calls
+                 for path in repo_paths(section_values(params, key))}
         found += [f"{name}: deps lack {path} (named in params.yaml)" for path in sorted(named) if not covered(path)]
     return found
 
 
-def section_values(params: dict, section: str):
-    """The values of a params section; `variants.${key}` stands for every entry of `variants`."""
-    top, _, entry = section.partition(".")
-    values = params.get(top) or {}
-    return list(values.values()) if entry == "${key}" else values
+# params keys whose values name files of the repository, and the function that reads them: a stage
+# whose code calls it must depend on those files (evaluate scores tasks/*.yaml; export reads the same
+# section for its windows only).
+FILE_READERS = {"evaluate.tasks": "run_tasks", "evaluate.out_of_domain_file": "load_out_of_domain_text",
+                "data.path": "load_texts"}
+
+
+def section_values(params: dict, key: str):
+    """The value of a params key such as `evaluate.tasks`."""
+    top, _, entry = key.partition(".")
+    return (params.get(top) or {}).get(entry)
 
 
 def repo_paths(value) -> Set[str]:
@@ -178,7 +188,9 @@ def repo_paths(value) -> Set[str]:
         return set().union(*map(repo_paths, value.values()))
     if isinstance(value, list):
         return set().union(*map(repo_paths, value))
-    if isinstance(value, str) and value and not Path(value).is_absolute() and (ROOT / value).exists():
+    # A path has a folder or a suffix: a bare word (the experiment name `optipfair`) is not one.
+    if (isinstance(value, str) and ("/" in value or Path(value).suffix) and not Path(value).is_absolute()
+            and (ROOT / value).exists()):
         return {str(Path(value))}
     return set()
 
@@ -189,6 +201,13 @@ def _dvc() -> dict:
 
 def test_every_stage_declares_the_code_and_params_it_reads():
     assert problems(_dvc()) == []
+
+
+def test_every_file_params_yaml_names_has_a_known_reader():
+    """A new params key naming repository files needs its reader in FILE_READERS, or no stage is held to it."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    known = set().union(*(repo_paths(section_values(params, key)) for key in FILE_READERS))
+    assert repo_paths(params) == known and known
 
 
 def test_every_data_file_of_the_pipeline_is_a_dep_of_some_stage():
