@@ -111,9 +111,13 @@ def run(code: Path, stage: str, seq_len: int) -> dict:
 
 
 def main() -> None:
+    import argparse
+
     from benchmarks.common import RESULTS, command
     from optipfair.streaming import available_memory_bytes
 
+    argparse.ArgumentParser(prog="python -m benchmarks.vocab_memory", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     build()
     codes = {"before": before_tree(), "after": ROOT}
     rows = {}
