@@ -35,24 +35,26 @@ class Placement:
     device: str  # "cpu", "cuda", "cuda:1", ...
     dtype: str  # "float32", "bfloat16", "float16": the compute dtype
     out_of_core: bool
-    needed_bytes: int  # the models' weights in `dtype`
+    needed_bytes: int  # the models' weights in `dtype`, and the working memory of the job
     budget_bytes: int
 
 
 def place(model_paths: Sequence[str | Path], device: str = "auto", dtype: str = "auto",
-          memory_budget_gib: Optional[float] = None, out_of_core: Optional[bool] = None) -> Placement:
+          memory_budget_gib: Optional[float] = None, out_of_core: Optional[bool] = None,
+          working_bytes: int = 0) -> Placement:
     """Where to run the models in `model_paths`, which a job holds in memory together when they fit.
 
     `device` and `dtype` are resolved here once (auto: a GPU when there is one; bfloat16 on a GPU that
     supports it, float32 otherwise). Out of core when asked (`out_of_core`), else when the models'
     weights in that dtype exceed `memory_budget_gib` (default: 80 % of the memory available now, see
-    `optipfair.streaming.memory_budget_bytes`). A Hub id is loaded in memory: only a local checkpoint
-    can be read layer by layer.
+    `optipfair.streaming.memory_budget_bytes`), counting `working_bytes` beside them (activations,
+    logits: `optipfair.streaming.working_memory_bytes`). A Hub id is loaded in memory: only a local
+    checkpoint can be read layer by layer.
     """
     device = resolve_device(device)
     compute_dtype = resolve_dtype(dtype, device)
     local = [path for path in model_paths if is_model_dir(path)]
-    needed = sum(in_memory_bytes(path, compute_dtype) for path in local)
+    needed = sum(in_memory_bytes(path, compute_dtype) for path in local) + (working_bytes if local else 0)
     budget = memory_budget_bytes(memory_budget_gib, device)
     if out_of_core is None:
         out_of_core = bool(local) and needed > budget

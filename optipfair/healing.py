@@ -3,9 +3,10 @@
 The pruned model (the student) is trained to match the unpruned model (the teacher) on
 calibration text, with a fixed token budget: the loss is the KL divergence from the teacher's
 next-token distribution to the student's, at every position, optionally plus the cross-entropy
-on the text's own next tokens (hard labels) and a per-layer hidden-state term. Only the student trains; the teacher runs without gradients, and its logits
-are computed batch by batch, never stored, so memory holds the two models, the optimizer state
-of what trains and one window's activations.
+on the text's own next tokens (hard labels) and a per-layer hidden-state term. Only the student trains;
+the teacher runs without gradients. Both models' logits are computed a chunk of positions at a time
+(`_window_backward`), so memory holds the two models, the gradients and optimizer state of what
+trains, one window's activations and one chunk of logits, whatever the vocabulary.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 
 from optipfair.adapters import get_adapter
 from optipfair.errors import OptiPFairError, OptionError
+from optipfair.evaluation.head import chunk_positions, decoder_body, head_logits
 from optipfair.pruning.options import _number, whole_number
 
 TRAINABLE = ("mlp", "all", "lora")
@@ -200,7 +202,6 @@ def heal(
     check_descendant(student, teacher)
     windows = _check_windows(windows, student)
     device = next(student.parameters()).device
-    teacher_device = next(teacher.parameters()).device
     generator = torch.Generator().manual_seed(options.seed)
     torch.manual_seed(options.seed)  # LoRA initialisation, dropout (none by default)
 
@@ -231,19 +232,13 @@ def heal(
             total = 0.0
             for index in order[step * options.batch_size : (step + 1) * options.batch_size]:
                 batch = windows[index : index + 1].to(device)
-                with autocast:
-                    with torch.no_grad():
-                        target = teacher(input_ids=batch.to(teacher_device), use_cache=False,
-                                         output_hidden_states=use_hidden)
-                    output = model(input_ids=batch, use_cache=False, output_hidden_states=use_hidden)
-                    loss = _loss(output, target, batch, options, use_hidden) / options.batch_size
-                if not torch.isfinite(loss):
+                loss = _window_backward(student, teacher, batch, options, use_hidden, autocast) / options.batch_size
+                if not math.isfinite(loss):
                     raise HealingError(
-                        f"loss became {loss.item()} at step {step + 1}; nothing was kept (lower the learning rate, "
+                        f"loss became {loss} at step {step + 1}; nothing was kept (lower the learning rate, "
                         f"now {options.learning_rate:g})"
                     )
-                loss.backward()
-                total += loss.item()
+                total += loss
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             schedule.step()
@@ -280,25 +275,58 @@ def _window_order(count: int, needed: int, generator: torch.Generator) -> List[i
     return order[:needed]
 
 
-def _loss(output, target, batch: torch.Tensor, options: HealOptions, use_hidden: bool) -> torch.Tensor:
-    """KL(teacher || student) per token on the next-token distributions, plus the hard-label and hidden-state terms."""
-    t = options.temperature
-    logits = output.logits.float()
-    student_logp = F.log_softmax(logits / t, dim=-1)
-    teacher_logp = F.log_softmax(target.logits.to(student_logp.device).float() / t, dim=-1)
-    kl = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="none").sum(-1).mean() * t * t
-    if options.label_weight > 0:  # the text's next tokens: position i predicts token i + 1
-        labels = batch[:, 1:].to(logits.device)
-        kl = kl + options.label_weight * F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten())
-    if not use_hidden:
-        return kl
-    # Each layer's output against the teacher's, scaled by the teacher's own size there, so
-    # that layers with large activations do not dominate.
-    terms = [
-        F.mse_loss(s.float(), h.to(s.device).float()) / h.float().pow(2).mean().clamp_min(1e-6).to(s.device)
-        for s, h in zip(output.hidden_states[1:], target.hidden_states[1:])
-    ]
-    return kl + options.hidden_weight * torch.stack(terms).mean()
+def _window_backward(student: nn.Module, teacher: nn.Module, batch: torch.Tensor, options: HealOptions,
+                     use_hidden: bool, autocast) -> float:
+    """The loss of one window [1, seq_len], its gradients (times 1 / batch_size) added to the student's.
+
+    The loss: KL(teacher || student) per token on the next-token distributions, plus the hard-label
+    and hidden-state terms. Both models run their decoder body once; the head's logits are computed
+    a chunk of positions at a time (`optipfair.evaluation.head`), each chunk's loss backpropagated at
+    once into the student's last hidden state (a detached leaf), so that the two models' full logits
+    never exist for the whole window. That gradient then goes through the body in one backward pass:
+    the same loss and gradients as the unchunked sum, with logits memory bounded by the chunk.
+    """
+    t, scale = options.temperature, 1.0 / options.batch_size
+    with autocast:
+        with torch.no_grad():
+            target = decoder_body(teacher)(input_ids=batch.to(next(teacher.parameters()).device), use_cache=False,
+                                           output_hidden_states=use_hidden)
+        output = decoder_body(student)(input_ids=batch, use_cache=False, output_hidden_states=use_hidden)
+    last = output.last_hidden_state[0]
+    leaf = last.detach().requires_grad_(True)
+    positions = len(leaf)
+    labels = batch[0, 1:]  # position i predicts token i + 1; the last position has no label
+    chunk = chunk_positions(student.get_output_embeddings().weight.shape[0])
+    total = 0.0
+    for start in range(0, positions, chunk):
+        stop = min(start + chunk, positions)
+        with autocast:
+            logits = head_logits(student, leaf[start:stop])
+            with torch.no_grad():
+                teacher_logits = head_logits(teacher, target.last_hidden_state[0, start:stop]).to(logits.device)
+        student_logp, teacher_logp = F.log_softmax(logits / t, dim=-1), F.log_softmax(teacher_logits / t, dim=-1)
+        loss = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="sum") * t * t / positions
+        labelled = min(stop, positions - 1) - start
+        if options.label_weight > 0 and labelled > 0:
+            loss = loss + options.label_weight * F.cross_entropy(
+                logits[:labelled], labels[start:start + labelled], reduction="sum") / (positions - 1)
+        (loss * scale).backward()
+        total += loss.item()
+    outputs, gradients = [last], [leaf.grad]
+    if use_hidden:
+        # Each layer's output against the teacher's, scaled by the teacher's own size there, so
+        # that layers with large activations do not dominate.
+        with autocast:
+            terms = [
+                F.mse_loss(s.float(), h.to(s.device).float()) / h.float().pow(2).mean().clamp_min(1e-6).to(s.device)
+                for s, h in zip(output.hidden_states[1:], target.hidden_states[1:])
+            ]
+            hidden_loss = options.hidden_weight * torch.stack(terms).mean()
+        outputs.append(hidden_loss * scale)
+        gradients.append(None)
+        total += hidden_loss.item()
+    torch.autograd.backward(outputs, gradients)
+    return total
 
 
 def _trainable(student: nn.Module, options: HealOptions) -> nn.Module:

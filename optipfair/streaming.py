@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from optipfair.adapters import get_adapter
 from optipfair.errors import OptiPFairError
+from optipfair.evaluation.head import HEAD_CHUNK_LOGITS, decoder_body, head_nll
 from optipfair.io import SHARD_INDEX, check_output_path, staged_directory, verify_checkpoint
 from optipfair.pruning import calibration, depth
 from optipfair.pruning.methods import get_method
@@ -41,9 +42,6 @@ MAX_SHARD_BYTES = 2**30
 # Evaluation runs each layer on this many tokens at once: big enough for efficient matrix products,
 # small enough that a layer's intermediate activations stay well under the layer's own weights.
 EVAL_BATCH_TOKENS = 1024
-# Logits computed at once by the head during evaluation (float32): 64 MiB, an eighth of the
-# logits of one 512-token window of a 128k vocabulary.
-HEAD_CHUNK_LOGITS = 2**24
 # Bytes per block when a tensor is copied from file to file, or a head weight cast to float32.
 _BLOCK_BYTES = 2**26
 # Room for each output shard's header (a few thousand tensors' names, shapes and offsets), and
@@ -249,24 +247,18 @@ def _embedding_rows(model: nn.Module, checkpoint: "_Checkpoint", token_ids: torc
 
 def _head_nll(model: nn.Module, checkpoint: "_Checkpoint", adapter, windows: torch.Tensor,
               final_hidden: torch.Tensor) -> float:
-    """Summed next-token NLL from the last layer's outputs, through the model's own head.
+    """Summed next-token NLL from the last layer's outputs, through the model's own final norm and head.
 
-    The model's forward runs with stand-in layers: the first returns the precomputed outputs of the
-    last layer, the others pass them on, so the final norm, the head and any logit scaling or
-    soft-capping are the architecture's own code. Every position is independent from here on, so
-    the positions go through in chunks that keep the logits small, and the head weight stays in
-    its stored dtype, cast to float32 a block of rows at a time (`_Float32Head`).
+    The decoder body runs with stand-in layers: the first returns the precomputed outputs of the
+    last layer, the others pass them on, so the final norm is the architecture's own code. The head
+    is `evaluation.head.head_nll`'s, as in memory (chunks of positions, soft-capping), with its weight
+    kept in its stored dtype and cast to float32 a block of rows at a time (`_Float32Head`).
     """
-    import torch.nn.functional as F
-
-    head_owner, head_attribute = _parent_of(model, model.get_output_embeddings())
-    original_head = getattr(head_owner, head_attribute)
-    head_name = _weight_name(model, original_head)
+    head_name = _weight_name(model, model.get_output_embeddings())
     if head_name not in checkpoint.shapes:  # tied: the head is the input embedding matrix
         head_name = _weight_name(model, model.get_input_embeddings())
-    head_weight = checkpoint.read(head_name)
-    bias = original_head.bias if getattr(original_head, "bias", None) is not None else None
-    setattr(head_owner, head_attribute, _Float32Head(head_weight, bias))
+    bias = getattr(model.get_output_embeddings(), "bias", None)
+    head = _Float32Head(checkpoint.read(head_name), bias)
 
     layers = adapter.layers
     originals = list(layers)
@@ -280,20 +272,19 @@ def _head_nll(model: nn.Module, checkpoint: "_Checkpoint", adapter, windows: tor
 
     for index in range(len(originals)):
         layers[index] = stand_in(index)
-    states = final_hidden[:, :-1].reshape(-1, final_hidden.shape[-1])
-    targets = windows[:, 1:].reshape(-1).to(final_hidden.device)
-    chunk = max(1, HEAD_CHUNK_LOGITS // head_weight.shape[0])
+    body = decoder_body(model)
+    rows = max(1, EVAL_BATCH_TOKENS // windows.shape[1])
     total = 0.0
     try:
-        for start in range(0, len(states), chunk):
-            current["hidden"] = states[None, start:start + chunk]
+        for start in range(0, len(final_hidden), rows):
+            current["hidden"] = final_hidden[start:start + rows]
             # The first layer's input is ignored (the stand-in answers): embeddings of the right shape do.
-            logits = model(inputs_embeds=current["hidden"], use_cache=False).logits[0].float()
-            total += F.cross_entropy(logits, targets[start:start + chunk], reduction="sum").item()
+            states = body(inputs_embeds=current["hidden"], use_cache=False).last_hidden_state[:, :-1]
+            total += head_nll(model, states.reshape(-1, states.shape[-1]), windows[start:start + rows, 1:].reshape(-1),
+                              head)
     finally:
         for index, layer in enumerate(originals):
             layers[index] = layer
-        setattr(head_owner, head_attribute, original_head)
     return total
 
 
@@ -336,6 +327,33 @@ def stored_dtype(model_path: str | Path) -> torch.dtype:
         if dtype.is_floating_point:
             values[dtype] = values.get(dtype, 0) + math.prod(checkpoint.shapes[name])
     return max(values, key=values.get) if values else torch.float32
+
+
+def working_memory_bytes(model_path: str | Path, tokens: int, seq_len: int, held_tokens: int = 0,
+                         training: bool = False) -> int:
+    """Bytes beyond the weights that running the checkpoint takes, estimated from its config (float32 throughout).
+
+    - Logits: `HEAD_CHUNK_LOGITS` of them at a time (`optipfair.evaluation.head`), three copies (the
+      logits, their log-softmax, a scaled or soft-capped copy); training holds the teacher's and the
+      student's and the student's gradients: four times that.
+    - Activations of `tokens` tokens in flight, in windows of `seq_len`: per token and layer, about 8
+      hidden-size vectors (residual, norm, q, k, v, attention output), 3 MLP-width ones (gate, up, their
+      product) and an attention score per head and position of the window. Inference holds one layer's
+      at a time; training keeps every layer's for the backward pass.
+    - `held_tokens` tokens' hidden states kept between layers, inputs and outputs (calibration).
+    - Training: the gradients and AdamW's two moments of every weight (train: all, the default), 3 x the
+      float32 weights.
+    """
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path).get_text_config()
+    hidden, width = config.hidden_size, config.intermediate_size
+    per_layer = tokens * (8 * hidden + 3 * width + config.num_attention_heads * seq_len) * 4
+    logits = 3 * HEAD_CHUNK_LOGITS * 4
+    work = logits + per_layer + 2 * held_tokens * hidden * 4
+    if training:
+        work += 3 * logits + (config.num_hidden_layers - 1) * per_layer + 3 * in_memory_bytes(model_path)
+    return work
 
 
 def fits_in_memory(model_path: str | Path, dtype: torch.dtype, budget_gib: Optional[float] = None,
@@ -484,13 +502,6 @@ def _original_name(name: str, checkpoint: _Checkpoint) -> str:
 def _weight_name(model: nn.Module, module: nn.Module) -> str:
     """The state-dict name of `module`'s weight, e.g. 'model.embed_tokens.weight'."""
     return next(name for name, m in model.named_modules() if m is module) + ".weight"
-
-
-def _parent_of(model: nn.Module, module: nn.Module):
-    """(parent module, attribute name) under which `module` sits in `model`."""
-    name = next(name for name, m in model.named_modules() if m is module)
-    parent, _, attribute = name.rpartition(".")
-    return model.get_submodule(parent), attribute
 
 
 def _prefix_of(model: nn.Module, layers: nn.ModuleList) -> str:

@@ -29,6 +29,18 @@ HUB = ("huggingface.co", 443)
 # Multiple-choice requests are short (a question and one choice, ~30 tokens): a batch of 16 pads
 # little and keeps a GPU busier than lm-eval's default of 1. Not tuned beyond that.
 DEFAULT_BATCH_SIZE = 16
+# lm-eval log-softmaxes the logits of a whole batch at once: batch x padded length x vocabulary
+# floats, twice (logits, log-probabilities). The batch is cut so that one copy, at 4 bytes per logit
+# for requests padded to 256 tokens (a few-shot prompt; zero-shot ones are ~30), stays within 1 GiB:
+# 16 for a 49k vocabulary (SmolLM2: 16 x 256 x 49152 x 4 = 0.75 GiB), 8 for 128k (Llama 3), 4 for
+# 262k (Gemma 3: 1 GiB). Longer requests take more, in proportion.
+TASK_LOGITS_BYTES = 2**30
+TASK_REQUEST_TOKENS = 256
+
+
+def batch_size_for(vocabulary: int) -> int:
+    """Requests scored at once for a model with `vocabulary` tokens: `DEFAULT_BATCH_SIZE`, fewer for big vocabularies."""
+    return max(1, min(DEFAULT_BATCH_SIZE, TASK_LOGITS_BYTES // (TASK_REQUEST_TOKENS * vocabulary * 4)))
 
 
 class TaskError(OptiPFairError):
@@ -90,9 +102,11 @@ def run_tasks(
     model,
     tokenizer,
     tasks: Sequence[TaskOptions],
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: Optional[int] = None,
 ) -> Dict[str, dict]:
     """Score `model` (already loaded, on its own device) on each task with lm-evaluation-harness.
+
+    `batch_size` requests go through the model at once (None: `batch_size_for` the model's vocabulary).
 
     Returns task name -> `{"metric", "value", "stderr", "samples", "num_fewshot"}`, or
     `{"skipped": reason}` when the task could not run (lm-eval missing, its data unreachable).
@@ -117,6 +131,8 @@ def run_tasks(
             raise TaskError(f"task file {options.task} does not exist")
         if not options.is_file and options.task not in manager.all_tasks:
             raise TaskError(f"lm-eval knows no task {options.task!r}; list them with `lm-eval ls tasks`")
+    if batch_size is None:
+        batch_size = batch_size_for(model.get_output_embeddings().weight.shape[0])
     # Requests start as the perplexity windows do (optipfair.data.window_start): with BOS exactly when
     # the tokenizer adds one. lm-eval 0.4 would follow the tokenizer too; saying it keeps the two in step.
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,

@@ -34,7 +34,7 @@ from typing import Callable, Dict, Tuple
 from optipfair.analysis import analyze_model
 from optipfair.data import token_windows
 from optipfair.evaluation.benchmarks import time_inference, time_prefill
-from optipfair.evaluation.perplexity import perplexity
+from optipfair.evaluation.perplexity import BATCH_WINDOWS, perplexity
 from optipfair.streaming import perplexity_checkpoint
 from optipfair.io import load_model, load_skeleton, load_tokenizer
 from optipfair.tasks import run_tasks
@@ -51,7 +51,8 @@ def run(params: Params, name: str) -> Dict[str, float]:
     settings = params.evaluate
     folder = layout.model_dir(name)
     # A variant's speed is timed beside the base model: the stage holds both.
-    where = placement(params.compute, *((folder,) if name == BASE_NAME else (folder, layout.model_dir(BASE_NAME))))
+    where = placement(params.compute, *((folder,) if name == BASE_NAME else (folder, layout.model_dir(BASE_NAME))),
+                      tokens=BATCH_WINDOWS * settings["seq_len"], seq_len=settings["seq_len"])
     tokenizer = load_tokenizer(folder)
     _, evaluation_text = load_texts(params.data)
     windows = token_windows(tokenizer, evaluation_text, settings["num_tokens"], settings["seq_len"])

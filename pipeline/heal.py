@@ -19,6 +19,7 @@ from optipfair.errors import OptionError
 from optipfair.healing import heal
 from optipfair.io import load_model, resolve_device, save_model
 from pipeline import layout
+from pipeline.compute import placement
 from pipeline.params import BASE_NAME, Params, ParamsError, healed_name
 from pipeline.texts import load_texts
 
@@ -27,6 +28,16 @@ def run(params: Params, name: str) -> dict:
     """Heal variant `name` into models/<name>+healed; write its healing record, return it with the wall time."""
     options = params.heal_options(name)  # an unknown variant or a missing heal block fails before any loading
     device = resolve_device(params.compute["device"])
+    # Healing has no out-of-core path: two float32 models, gradients, AdamW state and one window's
+    # activations must fit, or the stage stops here rather than being killed for memory midway.
+    where = placement({**params.compute, "dtype": "float32"}, layout.model_dir(name), layout.model_dir(BASE_NAME),
+                      tokens=options.seq_len, seq_len=options.seq_len, training=True)
+    if where.out_of_core:
+        raise ParamsError(
+            f"{params.path}: heal.{name}: healing needs about {where.needed_bytes / 2**30:.1f} GiB (two float32 "
+            f"models, gradients, optimizer state, activations), over the memory budget of "
+            f"{where.budget_bytes / 2**30:.1f} GiB (compute.memory_budget_gib); lower heal.{name}.seq_len or "
+            "raise the budget")
     student, tokenizer = load_model(str(layout.model_dir(name)), device, "float32")
     teacher, _ = load_model(str(layout.model_dir(BASE_NAME)), device, "float32")
     training_text, _ = load_texts(params.data)

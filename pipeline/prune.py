@@ -14,6 +14,7 @@ from optipfair.data import token_windows
 from optipfair.engine import prune_directory
 from optipfair.errors import OptionError
 from optipfair.io import load_tokenizer
+from optipfair.pruning.calibration import BATCH_SIZE
 from pipeline import layout
 from pipeline.compute import placement
 from pipeline.params import BASE_NAME, Params, ParamsError
@@ -24,7 +25,11 @@ def run(params: Params, name: str) -> dict:
     """Prune variant `name` and save it to models/<name>; returns the library's pruning statistics."""
     variant = params.variant(name)
     source = layout.model_dir(BASE_NAME)
-    where = placement(params.compute, source)
+    seq_len = params.calibration["seq_len"]
+    # A calibrated prune holds the calibration tokens' hidden states and runs a batch of windows at once
+    # (BATCH_SIZE at most: fewer for wide MLPs).
+    where = placement(params.compute, source, tokens=BATCH_SIZE * seq_len, seq_len=seq_len,
+                      held_tokens=params.calibration["num_tokens"] if variant.needs_calibration else 0)
     calibration = None
     if variant.needs_calibration:
         # Only activation-driven methods read text: weight-only variants skip the tokenizer entirely.

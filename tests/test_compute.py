@@ -89,3 +89,17 @@ def test_a_bad_compute_section_is_refused_in_one_line_naming_the_field(compute, 
     result = CliRunner().invoke(app, ["validate"])
     assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
     assert f"{field}: {problem}" in result.stderr, result.stderr
+
+
+def test_healing_over_the_memory_budget_stops_with_the_reason_before_training(project):
+    """Healing has no out-of-core path: a budget its models, gradients and optimizer state exceed is one line."""
+    params = {**PARAMS, "base": {"source": "local", "path": str(project / "models/base")},
+              "heal": {"auto-25": {"num_tokens": 64, "seq_len": 64}}}
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    _stage("prune", "--variant", "auto-25")
+    params["compute"] = {"memory_budget_gib": 0.001}  # 1 MiB: less than one chunk of logits
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    result = CliRunner().invoke(app, ["heal", "--variant", "auto-25"])
+    assert result.exit_code != 0
+    assert "heal.auto-25: healing needs about" in result.output and "compute.memory_budget_gib" in result.output
+    assert not (project / "models/auto-25+healed").exists()

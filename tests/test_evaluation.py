@@ -72,3 +72,29 @@ def test_perplexity_is_one_for_a_model_that_predicts_the_text_and_vocab_size_for
     with torch.no_grad():
         uniform.lm_head.weight.zero_()  # all logits 0: every token has probability 1 / vocabulary size
     assert perplexity(uniform, torch.randint(0, VOCAB_SIZE, (3, 16))) == pytest.approx(VOCAB_SIZE, rel=1e-6)
+
+
+def _whole_logits_perplexity(model, windows) -> float:
+    """The unchunked figure: the model's own forward over every window at once, its full logits."""
+    with torch.no_grad():
+        logits = model(input_ids=windows).logits[:, :-1].float()
+    return math.exp(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)),
+                                                      windows[:, 1:].reshape(-1)).item())
+
+
+# A cap of 2 and a scaling of 8 move every logit of these tiny models: a path that skipped them would be far off.
+@pytest.mark.parametrize("arch, overrides", [("llama", {}), ("gemma2", {"final_logit_softcapping": 2.0}),
+                                             ("gemma3_text", {"final_logit_softcapping": 2.0}),
+                                             ("granite", {"logits_scaling": 8.0}), ("qwen3", {})])
+def test_perplexity_through_the_chunked_head_is_the_whole_logits_figure(arch, overrides, monkeypatch):
+    from optipfair.evaluation import head
+
+    model = make_tiny_model(arch, **overrides)
+    windows = torch.randint(0, VOCAB_SIZE, (5, 24))
+    expected = _whole_logits_perplexity(model, windows)
+    calls = []
+    model.get_output_embeddings().register_forward_hook(lambda module, args, out: calls.append(args[0].shape[:-1]))
+    monkeypatch.setattr(head, "HEAD_CHUNK_LOGITS", 7 * VOCAB_SIZE)  # 7 positions at a time: chunk edges mid-window
+    assert perplexity(model, windows, batch_size=2) == pytest.approx(expected, rel=1e-6)
+    # The head never sees more than 7 positions at once; every position is seen once.
+    assert max(shape.numel() for shape in calls) == 7 and sum(shape.numel() for shape in calls) == 5 * 23

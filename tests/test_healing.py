@@ -3,6 +3,7 @@
 import copy
 import json
 import math
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from conftest import make_tiny_model
 from optipfair import HealingError, HealOptions, OptionError, heal, prune
 from optipfair.cli import app
 from optipfair.data import default_texts, token_windows
-from optipfair.healing import check_tokenizers
+from optipfair.healing import _window_backward, check_tokenizers
 from optipfair.pruning.options import PruningOptions
 
 SEQ_LEN = 32
@@ -73,7 +74,6 @@ def test_the_label_term_teaches_the_text_itself_and_weighs_as_asked(texts):
     """A random teacher knows nothing of the text: the KL alone keeps the student as ignorant; with
     the labels, the student's held-out perplexity on the same kind of text falls below it."""
     from optipfair.evaluation.perplexity import perplexity
-    from optipfair.healing import _loss
 
     training, held_out = texts
     results = {}
@@ -87,12 +87,69 @@ def test_the_label_term_teaches_the_text_itself_and_weighs_as_asked(texts):
     # The loss is KL + weight x cross-entropy of each position on the next token, as documented.
     teacher, student = teacher_and_student()
     batch = held_out[:1]
+    kl, both = (_window_backward(student, teacher, batch, HealOptions(seq_len=SEQ_LEN, num_tokens=SEQ_LEN,
+                                                                      label_weight=weight), False, nullcontext())
+                for weight in (0, 2.5))
     with torch.no_grad():
-        output, target = student(input_ids=batch), teacher(input_ids=batch)
-        kl = _loss(output, target, batch, HealOptions(seq_len=SEQ_LEN, num_tokens=SEQ_LEN, label_weight=0), False)
-        both = _loss(output, target, batch, HealOptions(seq_len=SEQ_LEN, num_tokens=SEQ_LEN, label_weight=2.5), False)
-        nll = F.cross_entropy(output.logits[0, :-1], batch[0, 1:])
-    assert both.item() == pytest.approx(kl.item() + 2.5 * nll.item(), rel=1e-5)
+        nll = F.cross_entropy(student(input_ids=batch).logits[0, :-1], batch[0, 1:])
+    assert both == pytest.approx(kl + 2.5 * nll.item(), rel=1e-5)
+
+
+def _unchunked_loss(student, teacher, batch, options, use_hidden):
+    """The documented loss from the models' whole logits: KL + label_weight x CE (+ hidden_weight x hidden term)."""
+    output = student(input_ids=batch, output_hidden_states=use_hidden)
+    with torch.no_grad():
+        target = teacher(input_ids=batch, output_hidden_states=use_hidden)
+    t = options.temperature
+    kl = F.kl_div(F.log_softmax(output.logits / t, -1), F.log_softmax(target.logits / t, -1), log_target=True,
+                  reduction="none").sum(-1).mean() * t * t
+    loss = kl + options.label_weight * F.cross_entropy(output.logits[0, :-1], batch[0, 1:])
+    if use_hidden:
+        loss = loss + options.hidden_weight * torch.stack([
+            F.mse_loss(s, h) / h.pow(2).mean() for s, h in zip(output.hidden_states[1:], target.hidden_states[1:])
+        ]).mean()
+    return loss
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])  # gemma2: tied head, soft-capped logits
+def test_chunked_loss_and_gradients_are_the_whole_logits_ones(texts, arch, monkeypatch):
+    from optipfair.evaluation import head
+
+    teacher = make_tiny_model(arch, intermediate_size=128)
+    student = make_tiny_model(arch, intermediate_size=128, seed=1)
+    batch = texts[1][:1]
+    options = HealOptions(seq_len=SEQ_LEN, num_tokens=SEQ_LEN, label_weight=0.7, hidden_weight=0.3, temperature=2.0,
+                          batch_size=2)
+    expected = _unchunked_loss(student, teacher, batch, options, use_hidden=True)
+    expected.backward()
+    whole = {n: p.grad.clone() for n, p in student.named_parameters()}
+    student.zero_grad()
+    # 5 positions per chunk: 32 positions end in a chunk of 2, the last (unlabelled) position mid-chunk.
+    monkeypatch.setattr(head, "HEAD_CHUNK_LOGITS", 5 * student.config.vocab_size)
+    loss = _window_backward(student, teacher, batch, options, True, nullcontext())
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
+    for name, parameter in student.named_parameters():  # gradients scaled by 1 / batch_size, as the loss is
+        torch.testing.assert_close(parameter.grad * options.batch_size, whole[name], rtol=1e-4, atol=1e-6)
+
+
+def test_healing_with_small_chunks_trains_the_same_weights(texts, monkeypatch):
+    from optipfair.evaluation import head
+
+    def healed(chunk_positions):
+        monkeypatch.setattr(head, "HEAD_CHUNK_LOGITS", chunk_positions * 512)
+        teacher, student = teacher_and_student()
+        calls = []
+        student.lm_head.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[-2]))
+        options = HealOptions(num_tokens=256, seq_len=SEQ_LEN, learning_rate=1e-3, batch_size=2)
+        result = heal(student, teacher, texts[0], options, show_progress=False)
+        return result.losses, student.state_dict(), calls
+
+    losses, weights, calls = healed(SEQ_LEN)
+    small_losses, small_weights, small_calls = healed(3)
+    assert calls == [SEQ_LEN] * 8 and max(small_calls) == 3  # the head never sees more positions than a chunk
+    assert small_losses == pytest.approx(losses, rel=1e-5)
+    for name, weight in weights.items():
+        torch.testing.assert_close(small_weights[name], weight, rtol=1e-4, atol=1e-6)
 
 
 def test_budget_counts_tokens_and_reuses_windows_when_short(texts):

@@ -149,6 +149,7 @@ def test_layer_by_layer_perplexity_of_a_bfloat16_checkpoint_is_the_float32_figur
                                                                                   tmp_path, monkeypatch):
     """The embeddings and head stay in bf16 (rows and blocks cast as used), the arithmetic is float32's."""
     from optipfair import streaming
+    from optipfair.evaluation import head
     from optipfair.evaluation.perplexity import perplexity
 
     make_tiny_model(arch, tie_word_embeddings=tied).to(torch.bfloat16).save_pretrained(tmp_path / "m")
@@ -157,7 +158,7 @@ def test_layer_by_layer_perplexity_of_a_bfloat16_checkpoint_is_the_float32_figur
     expected = perplexity(loaded, windows)
     # Positions through the head a few at a time, its weight cast a few rows at a time: chunk edges everywhere.
     vocabulary = loaded.config.vocab_size
-    monkeypatch.setattr(streaming, "HEAD_CHUNK_LOGITS", 7 * vocabulary)
+    monkeypatch.setattr(head, "HEAD_CHUNK_LOGITS", 7 * vocabulary)
     monkeypatch.setattr(streaming, "_BLOCK_BYTES", 4 * loaded.config.hidden_size * (vocabulary // 3))
     assert streaming.perplexity_checkpoint(tmp_path / "m", windows, show_progress=False) == pytest.approx(expected, rel=1e-4)
 
@@ -186,3 +187,22 @@ def test_shards_also_end_when_their_header_is_full(tiny_tokenizer, tmp_path, mon
     expected = _in_memory(source, options)
     streamed = _weights(tmp_path / "out")
     assert streamed.keys() == expected.keys() and all(torch.equal(streamed[k], t) for k, t in expected.items())
+
+
+@pytest.mark.parametrize("arch, overrides", [("gemma2", {"final_logit_softcapping": 2.0}),
+                                             ("granite", {"logits_scaling": 8.0})])
+def test_layer_by_layer_perplexity_soft_caps_and_scales_the_logits_as_the_model_does(arch, overrides, tiny_tokenizer,
+                                                                                    tmp_path):
+    """Against the model's own forward (whole logits): a cap of 2 or a scaling of 8 moves every logit."""
+    import math
+
+    from optipfair.streaming import perplexity_checkpoint
+
+    model = make_tiny_model(arch, **overrides)
+    model.save_pretrained(tmp_path / "m")
+    windows = _calibration(tiny_tokenizer, rows=3, seq_len=32)
+    with torch.no_grad():
+        logits = model(input_ids=windows).logits[:, :-1]
+    expected = math.exp(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                          windows[:, 1:].reshape(-1)).item())
+    assert perplexity_checkpoint(tmp_path / "m", windows, show_progress=False) == pytest.approx(expected, rel=1e-5)
