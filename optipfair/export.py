@@ -80,7 +80,7 @@ def llama_cpp_home() -> Path:
 
 def _install_hint(home: Path) -> str:
     return (f"llama.cpp is not installed ({home} has no llama-quantize): run tools/build_llama_cpp.sh in the optipfair "
-            f"checkout (llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}'s llama.cpp, about 8 min on 2 cores), or set "
+            f"checkout (llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}'s llama.cpp, 10 CPU-minutes of compiling), or set "
             "OPTIPFAIR_LLAMA_CPP to the folder it built")
 
 

@@ -24,7 +24,7 @@ from conftest import BIN, HEAL, VARIANTS, copy_project, dvc_env, new_dvc_project
 pytestmark = pytest.mark.slow
 
 # What an edit of heal.vow-50 re-runs (validate re-runs on every edit of params.yaml; it only reads it).
-HEAL_STAGES = {"validate", "heal@vow-50", "evaluate_healed@vow-50", "report", "track"}
+HEAL_STAGES = {"validate", "heal@vow-50", "evaluate_healed@vow-50", "export_healed@vow-50", "report", "track"}
 
 
 def _edit_params(project: Path, change) -> None:
@@ -67,7 +67,8 @@ def test_repro_heals_the_listed_variant_and_only_it(built):
     project, ran, done = built
     assert done.returncode == 0, done.stdout + done.stderr
     assert ran == {"validate", "download", "analyze", "prune@maw-25", "prune@vow-50", "heal@vow-50",
-                   "evaluate_base", "evaluate@maw-25", "evaluate@vow-50", "evaluate_healed@vow-50", "report", "track"}
+                   "evaluate_base", "evaluate@maw-25", "evaluate@vow-50", "evaluate_healed@vow-50", "export_base",
+                   "export@maw-25", "export@vow-50", "export_healed@vow-50", "report", "track"}
     assert not (project / "models/maw-25+healed").exists()
 
 

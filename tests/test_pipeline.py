@@ -61,11 +61,11 @@ def project(built, tmp_path):
 
 ALL_STAGES = {
     "validate", "download", "analyze", "prune@maw-25", "prune@vow-50", "evaluate_base",
-    "evaluate@maw-25", "evaluate@vow-50", "report", "track",
+    "evaluate@maw-25", "evaluate@vow-50", "export_base", "export@maw-25", "export@vow-50", "report", "track",
 }
 # What an edit of one variant re-runs: its model, then the report and tracking; validate re-runs on
 # every edit of params.yaml (it only reads the file).
-VARIANT_STAGES = lambda name: {"validate", f"prune@{name}", f"evaluate@{name}", "report", "track"}  # noqa: E731
+VARIANT_STAGES = lambda name: {"validate", f"prune@{name}", f"evaluate@{name}", f"export@{name}", "report", "track"}  # noqa: E731
 
 
 def test_repro_builds_evaluates_reports_and_tracks_everything(built):
