@@ -353,10 +353,7 @@ def staged_directory(target: Path, needed_bytes: Optional[int] = None) -> Iterat
     """
     target = Path(target)
     _check_writable(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(target.parent)
-    staging = target.with_name(_owned_name(target.name, "tmp"))
-    staging.mkdir()
+    staging = _scratch_beside(target)
     try:
         yield staging
         _usual_modes(staging)
@@ -368,6 +365,15 @@ def staged_directory(target: Path, needed_bytes: Optional[int] = None) -> Iterat
         if _is_disk_full(error):
             raise OptiPFairError(_disk_full_message(target, needed_bytes, written)) from error
         raise
+
+
+def _scratch_beside(target: Path) -> Path:
+    """A new empty directory owned by this process beside `target`, after the leftovers of killed runs go."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(target.parent)
+    scratch = target.with_name(_owned_name(target.name, "tmp"))
+    scratch.mkdir()
+    return scratch
 
 
 def remove_directory(target: Path) -> None:
@@ -424,10 +430,7 @@ def staged_files(targets: List[Path], needed_bytes: Optional[int] = None) -> Ite
             raise OptiPFairError(f"output path {target} is a directory; give a file name")
         _check_writable(target)
     first = targets[0]
-    first.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(first.parent)
-    scratch = first.with_name(_owned_name(first.name, "tmp"))
-    scratch.mkdir()
+    scratch = _scratch_beside(first)
     try:
         yield scratch
         _usual_modes(scratch)
