@@ -8,7 +8,6 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from typer.testing import CliRunner
 from optipfair import OptiPFairError
 from optipfair.cli import app as cli_app
 from optipfair.io import load_model, load_tokenizer, remove_stale_staging, save_model, verify_checkpoint
-from conftest import make_tiny_model
+from conftest import make_tiny_model, stopped_at_pause
 
 
 class ExplodingTokenizer:
@@ -236,16 +235,16 @@ def test_disk_full_is_one_line_with_sizes_and_keeps_the_previous_model(tmp_path,
 HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())  # as staging names carry it
 
 KILLED_SAVE = """
-import sys, time
+import os, signal, sys
 from pathlib import Path
 from conftest import make_tiny_model
 from optipfair.io import save_model
 
-class StuckTokenizer:  # stands for a save that takes long (a big model): the model is written, then it waits
+class StuckTokenizer:  # stands for a save that takes long (a big model): the model is written, then it stops
     init_kwargs = {}
     def save_pretrained(self, directory):
         Path(sys.argv[2]).write_text(str(directory))
-        time.sleep(600)
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 save_model(make_tiny_model("llama"), StuckTokenizer(), sys.argv[1])
 """
@@ -257,10 +256,7 @@ def test_staging_left_by_a_killed_save_is_removed_by_the_next_one(tmp_path, tiny
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}"}
     saving = subprocess.Popen([sys.executable, "-c", KILLED_SAVE, str(target), str(marker)], env=env)
     try:
-        deadline = time.monotonic() + 120
-        while not marker.exists() and saving.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert marker.exists(), "the save never got under way"
+        assert stopped_at_pause(saving), "the save ended without getting to the tokenizer"
         staging = Path(marker.read_text())
         assert (staging / "model.safetensors").is_file()
     finally:
