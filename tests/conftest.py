@@ -217,6 +217,16 @@ def stopped_at_pause(process: subprocess.Popen, timeout: float = 600) -> bool:
         watchdog.cancel()
 
 
+def one_line_error(call, *args, match):
+    """The message of the OptiPFairError `call(*args)` raises, which must match `match` and be one line."""
+    from optipfair import OptiPFairError
+
+    with pytest.raises(OptiPFairError, match=match) as error:
+        call(*args)
+    assert "\n" not in str(error.value)
+    return str(error.value)
+
+
 def parameter_count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -116,7 +116,7 @@ def test_kill_9_during_a_stage_leaves_nothing_half_written_and_the_next_run_reco
     # Whatever was there before is still there and whole: outputs are renamed into place complete.
     for path, content in outputs_before.items():
         assert path.read_bytes() == content or json.loads(path.read_text()), path
-    from optipfair.io import verify_checkpoint
+    from optipfair.checkpoint import verify_checkpoint
 
     for model in ("base", "maw-25"):
         verify_checkpoint(project / "models" / model)
@@ -164,7 +164,7 @@ def test_a_truncated_base_model_is_refused_in_one_line_and_the_locked_one_is_kep
     assert "Traceback" not in done.stderr
     # DVC may move the old output aside while the stage runs; the cache gives it back, whole.
     _run(project, str(BIN / "dvc"), "checkout", "models/base")
-    from optipfair.io import verify_checkpoint
+    from optipfair.checkpoint import verify_checkpoint
 
     verify_checkpoint(project / "models" / "base")
     assert _leftovers(project) == []
