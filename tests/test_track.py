@@ -140,6 +140,31 @@ def test_the_experiment_opens_in_the_model_training_view(project):
     assert client.get_experiment_by_name(EXPERIMENT).tags[track.KIND_TAG] == "custom_model_development"
 
 
+def test_the_experiment_has_a_saved_view_with_the_key_metrics_as_columns(project):
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    layout.write_json_atomic(layout.metrics_file("maw-25"), {
+        **METRICS, "prefill_speedup": 1.2, "generation_speedup": 1.1,
+        "tasks": {"everyday_cloze": {"metric": "acc", "value": 0.7, "stderr": 0.04}}})
+    _track(uri)
+    client = _client(uri)
+    saved = client.get_experiment_by_name(EXPERIMENT).tags[track.VIEW_TAG]
+    envelope = json.loads(saved)  # as MLflow's UI reads a saved view: name, createdAt, updatedAt, state
+    assert envelope["name"] == track.VIEW_NAME and envelope["updatedAt"] >= envelope["createdAt"] > 0
+    state = json.loads(envelope["state"])
+    columns = state["selectedColumns"]
+    assert columns[:3] == ["attributes.`Models`", "params.`variant.method`", "params.`variant.pruning_percentage`"]
+    # Each column is something the runs carry (a key metric no run has would be an empty column).
+    logged = {f"metrics.`{key}`" for run in _runs(uri).values() for key in run.data.metrics}
+    logged |= {f"params.`{key}`" for run in _runs(uri).values() for key in run.data.params}
+    assert set(columns[1:]) <= logged, set(columns[1:]) - logged
+    assert {"metrics.`perplexity_ratio`", "metrics.`task.everyday_cloze`", "metrics.`prefill_speedup`"} <= set(columns)
+    assert "metrics.`task.everyday_cloze.stderr`" not in columns
+    assert (state["orderByKey"], state["orderByAsc"]) == ("metrics.`perplexity`", True)
+
+    _track(uri)  # unchanged outputs: the view is left as it is, timestamps included
+    assert client.get_experiment_by_name(EXPERIMENT).tags[track.VIEW_TAG] == saved
+
+
 def test_a_model_taken_out_of_params_keeps_its_run_tagged_as_removed_until_it_returns(project):
     uri = f"sqlite:///{project / 'mlflow.db'}"
     _track(uri)
