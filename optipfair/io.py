@@ -216,8 +216,9 @@ def staged_directory(target: Path, needed_bytes: Optional[int] = None) -> Iterat
     except BaseException as error:
         written = _size_of(staging)
         shutil.rmtree(staging, ignore_errors=True)
-        if _is_disk_full(error):
-            raise OptiPFairError(_disk_full_message(target, needed_bytes, written)) from error
+        why = _out_of_space(error)
+        if why:
+            raise OptiPFairError(_disk_full_message(target, needed_bytes, written, why)) from error
         raise
 
 
@@ -293,8 +294,9 @@ def staged_files(targets: List[Path], needed_bytes: Optional[int] = None) -> Ite
             os.replace(scratch / target.name, target)
     except BaseException as error:
         written = _size_of(scratch)
-        if _is_disk_full(error):
-            raise OptiPFairError(_disk_full_message(first, needed_bytes, written)) from error
+        why = _out_of_space(error)
+        if why:
+            raise OptiPFairError(_disk_full_message(first, needed_bytes, written, why)) from error
         raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -348,21 +350,32 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def _is_disk_full(error: BaseException) -> bool:
-    # safetensors reports ENOSPC as SafetensorError with the OS message, not as an OSError.
+# A write that runs out of room: what the error says, and what to do about it.
+_OUT_OF_SPACE = {
+    errno.ENOSPC: ("no space left on device", "free some space or write elsewhere"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space or write elsewhere"),
+    errno.EFBIG: ("a file outgrew the file size limit", "raise the limit (ulimit -f) or write elsewhere"),
+}
+
+
+def _out_of_space(error: BaseException) -> Optional[tuple]:
+    """(what, fix) when `error`, or one it was raised from, is a write that ran out of room; else None."""
     while error is not None:
-        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-            return True
-        if "No space left on device" in str(error):
-            return True
+        if isinstance(error, OSError) and error.errno in _OUT_OF_SPACE:
+            return _OUT_OF_SPACE[error.errno]
+        for number, words in _OUT_OF_SPACE.items():
+            # safetensors reports them as SafetensorError with the OS message, not as an OSError.
+            if os.strerror(number) in str(error):
+                return words
         error = error.__cause__ or error.__context__
-    return False
+    return None
 
 
-def _disk_full_message(target: Path, needed_bytes: Optional[int], written: int) -> str:
+def _disk_full_message(target: Path, needed_bytes: Optional[int], written: int, why: tuple) -> str:
     free = shutil.disk_usage(target.parent).free
     need = f"needs about {_mb(needed_bytes)} MB" if needed_bytes else f"had written {_mb(written)} MB"
-    return f"no space left on device while writing {target} ({need}, {_mb(free)} MB free); free some space or write elsewhere"
+    what, fix = why
+    return f"{what} while writing {target} ({need}, {_mb(free)} MB free); {fix}"
 
 
 def _mb(size: int) -> str:

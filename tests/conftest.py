@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -225,6 +226,19 @@ def one_line_error(call, *args, match):
         call(*args)
     assert "\n" not in str(error.value)
     return str(error.value)
+
+
+@contextmanager
+def tmpfs(path, options):
+    """A real small or read-only filesystem at `path` (mounting needs root: skipped without it)."""
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
 
 
 def parameter_count(model) -> int:

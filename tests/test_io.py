@@ -8,7 +8,6 @@ import socket
 import stat
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from typer.testing import CliRunner
 from optipfair import OptiPFairError
 from optipfair.cli import app as cli_app
 from optipfair.io import load_model, load_tokenizer, remove_stale_staging, save_model
-from conftest import make_tiny_model, one_line_error, stopped_at_pause
+from conftest import make_tiny_model, one_line_error, stopped_at_pause, tmpfs
 
 
 class ExplodingTokenizer:
@@ -84,19 +83,6 @@ def test_saved_tokenizer_does_not_depend_on_offline_mode(tmp_path, tiny_tokenize
 # --- where outputs go: unwritable, full, killed, modes (issue #9 cases 8, 9, 10, 12) -----------
 
 
-@contextmanager
-def tmpfs(path, options):
-    """A real small or read-only filesystem at `path` (mounting needs root: skipped without it)."""
-    path.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", str(path)], check=True)
-
-
 def test_an_unwritable_output_path_is_refused_before_loading(tmp_path, tiny_model_dir):
     (tmp_path / "notes.txt").write_text("a file")
     with tmpfs(tmp_path / "ro", "ro,size=1m") as read_only:
@@ -126,6 +112,36 @@ def test_disk_full_is_one_line_with_sizes_and_keeps_the_previous_model(tmp_path,
         ), message
         assert [p.name for p in small.iterdir()] == ["pruned"]
         assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+
+
+LIMITED_SAVE = """
+import resource, sys
+from conftest import make_tiny_model
+from optipfair import OptiPFairError
+from optipfair.io import save_model
+
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # no file over 1 MB
+try:
+    save_model(make_tiny_model("llama", hidden_size=128, intermediate_size=512), None, sys.argv[1])  # ~2.4 MB
+except OptiPFairError as error:
+    sys.exit(str(error))
+"""
+
+
+def test_a_file_size_limit_while_saving_is_one_line_and_keeps_the_previous_model(tmp_path, tiny_tokenizer):
+    root = Path(__file__).resolve().parents[1]
+    target = tmp_path / "pruned"
+    save_model(make_tiny_model("llama"), tiny_tokenizer, str(target))
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    done = subprocess.run([sys.executable, "-c", LIMITED_SAVE, str(target)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}"}, timeout=600)
+    assert done.returncode == 1, done.stderr
+    line = done.stderr.strip().splitlines()[-1]  # after transformers' progress bar, one line
+    assert "Traceback" not in done.stderr
+    assert re.fullmatch(rf"a file outgrew the file size limit while writing {target} \(needs about 2 MB, [\d,.]+ MB "
+                        r"free\); raise the limit \(ulimit -f\) or write elsewhere", line), line
+    assert [p.name for p in tmp_path.iterdir()] == ["pruned"]
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
 
 
 HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())  # as staging names carry it
