@@ -114,7 +114,7 @@ def main() -> None:
     import argparse
 
     from benchmarks.common import RESULTS, command
-    from optipfair.streaming import available_memory_bytes
+    from optipfair.engine import available_memory_bytes
 
     argparse.ArgumentParser(prog="python -m benchmarks.vocab_memory", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()

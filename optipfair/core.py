@@ -10,7 +10,7 @@ from optipfair.adapters import get_adapter
 from optipfair.pruning.options import REFERENCE_DEFAULT_PERCENTAGE, PruningOptions, given_percentage, library_options
 from optipfair.pruning import calibration, depth
 from optipfair.pruning.mlp_glu import prune_mlps, target_width
-from optipfair.pruning.utils import count_parameters, statistics_from_counts
+from optipfair.pruning.utils import statistics_from_counts
 
 
 def prune_model(
@@ -89,31 +89,55 @@ def prune(
         Every check (options, model, calibration data, widths) runs before the model is changed.
     """
     adapter = get_adapter(model)
-    if options.needs_calibration:
-        what = "DEPTH pruning" if options.pruning_type == "DEPTH" else f"method {options.method}"
-        calibration_data = calibration.check_calibration_data(calibration_data, what)
-    before = _shape(adapter)
+    _, calibration_data = check(adapter, options, calibration_data)
+    before = shape(adapter)
 
     if options.pruning_type == "MLP_GLU":
-        target_width(adapter, options)  # a width error (round_to, rate) before anything changes
         prune_mlps(model, adapter, options, calibration_data, show_progress)
     else:
         depth.remove_layers(model, adapter, options.num_layers_to_remove, calibration_data, show_progress)
 
     if not return_stats:
         return model
-    after = _shape(get_adapter(model))
-    stats = statistics_from_counts(
-        before["parameters"], after["parameters"], before["width"], after["width"], after["hidden"]
-    )
-    stats.update(original_layers=before["layers"], pruned_layers=after["layers"], pruning_type=options.pruning_type)
-    return model, stats
+    return model, statistics(before, shape(get_adapter(model)), options.pruning_type)
 
 
-def _shape(adapter) -> Dict[str, int]:
+# The per-model steps of pruning, shared by both engines: in memory (`prune`) and out of core
+# (`optipfair.streaming.prune_checkpoint`, on a model whose weights are on the meta device).
+
+
+def check(adapter, options: PruningOptions, calibration_data=None) -> Tuple[int, Any]:
+    """Every check that runs before a model is changed: (the MLP width to prune to, the checked calibration data).
+
+    The width comes from the options (DEPTH keeps it); the layer count (DEPTH) and the calibration data
+    (calibrated methods, DEPTH) are refused in one line when they do not fit the model.
+    """
+    if options.pruning_type == "DEPTH":
+        depth.check_layer_count(options.num_layers_to_remove, len(adapter.layers))
+        width = adapter.width(adapter.mlps[0])
+    else:
+        width = target_width(adapter, options)
+    if options.needs_calibration:
+        what = "DEPTH pruning" if options.pruning_type == "DEPTH" else f"method {options.method}"
+        calibration_data = calibration.check_calibration_data(calibration_data, what)
+    return width, calibration_data
+
+
+def shape(adapter) -> Dict[str, int]:
+    """What the statistics compare before and after: parameters (tied ones once; meta ones by their shapes),
+    MLP width, hidden size and layer count."""
     return {
-        "parameters": count_parameters(adapter.model),
+        "parameters": sum(p.numel() for p in adapter.model.parameters()),
         "width": adapter.width(adapter.mlps[0]),
         "hidden": adapter.hidden_size,
         "layers": len(adapter.layers),
     }
+
+
+def statistics(before: Dict[str, int], after: Dict[str, int], pruning_type: str) -> Dict[str, Any]:
+    """The pruning statistics from the `shape` of the model before and after."""
+    stats = statistics_from_counts(
+        before["parameters"], after["parameters"], before["width"], after["width"], after["hidden"]
+    )
+    stats.update(original_layers=before["layers"], pruned_layers=after["layers"], pruning_type=pruning_type)
+    return stats

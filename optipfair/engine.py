@@ -15,17 +15,20 @@ stages and the benchmarks all prune through `prune_directory`.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 import torch
 
+from optipfair.checkpoint import in_memory_bytes, is_model_dir, stored_dtype
 from optipfair.core import prune
 from optipfair.errors import OptionError
-from optipfair.io import DTYPES, is_model_dir, load_model, resolve_device, resolve_dtype, save_model
+from optipfair.evaluation.head import HEAD_CHUNK_LOGITS
+from optipfair.io import DTYPES, load_model, resolve_device, resolve_dtype, save_model
 from optipfair.pruning.options import PruningOptions
-from optipfair.streaming import in_memory_bytes, memory_budget_bytes, prune_checkpoint, stored_dtype
+from optipfair.streaming import prune_checkpoint
 
 
 @dataclass(frozen=True)
@@ -47,9 +50,9 @@ def place(model_paths: Sequence[str | Path], device: str = "auto", dtype: str = 
     `device` and `dtype` are resolved here once (auto: a GPU when there is one; bfloat16 on a GPU that
     supports it, float32 otherwise). Out of core when asked (`out_of_core`), else when the models'
     weights in that dtype exceed `memory_budget_gib` (default: 80 % of the memory available now, see
-    `optipfair.streaming.memory_budget_bytes`), counting `working_bytes` beside them (activations,
-    logits: `optipfair.streaming.working_memory_bytes`). A Hub id is loaded in memory: only a local
-    checkpoint can be read layer by layer.
+    `memory_budget_bytes`), counting `working_bytes` beside them (activations, logits:
+    `working_memory_bytes`). A Hub id is loaded in memory: only a local checkpoint can be read layer
+    by layer.
     """
     device = resolve_device(device)
     compute_dtype = resolve_dtype(dtype, device)
@@ -59,6 +62,57 @@ def place(model_paths: Sequence[str | Path], device: str = "auto", dtype: str = 
     if out_of_core is None:
         out_of_core = bool(local) and needed > budget
     return Placement(device, dtype_name(compute_dtype), out_of_core, needed, budget)
+
+
+def working_memory_bytes(model_path: str | Path, tokens: int, seq_len: int, held_tokens: int = 0,
+                         training: bool = False) -> int:
+    """Bytes beyond the weights that running the checkpoint takes, estimated from its config (float32 throughout).
+
+    - Logits: `HEAD_CHUNK_LOGITS` of them at a time (`optipfair.evaluation.head`), three copies (the
+      logits, their log-softmax, a scaled or soft-capped copy); training holds the teacher's and the
+      student's and the student's gradients: four times that.
+    - Activations of `tokens` tokens in flight, in windows of `seq_len`: per token and layer, about 8
+      hidden-size vectors (residual, norm, q, k, v, attention output), 3 MLP-width ones (gate, up, their
+      product) and an attention score per head and position of the window. Inference holds one layer's
+      at a time; training keeps every layer's for the backward pass.
+    - `held_tokens` tokens' hidden states kept between layers, inputs and outputs (calibration).
+    - Training: the gradients and AdamW's two moments of every weight (train: all, the default), 3 x the
+      float32 weights.
+    """
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path).get_text_config()
+    hidden, width = config.hidden_size, config.intermediate_size
+    per_layer = tokens * (8 * hidden + 3 * width + config.num_attention_heads * seq_len) * 4
+    logits = 3 * HEAD_CHUNK_LOGITS * 4
+    work = logits + per_layer + 2 * held_tokens * hidden * 4
+    if training:
+        work += 3 * logits + (config.num_hidden_layers - 1) * per_layer + 3 * in_memory_bytes(model_path)
+    return work
+
+
+def memory_budget_bytes(budget_gib: Optional[float] = None, device: str = "cpu") -> int:
+    """`budget_gib` in bytes; by default 80 % of the memory available now (the rest: activations, Python).
+
+    On a GPU, the lesser of the host's and the GPU's: a model in memory is loaded on the host, then moved.
+    """
+    if budget_gib is not None:
+        return int(budget_gib * 2**30)
+    available = available_memory_bytes()
+    if device.startswith("cuda"):
+        available = min(available, torch.cuda.mem_get_info(torch.device(device))[0])
+    return int(0.8 * available)
+
+
+def available_memory_bytes() -> int:
+    """Memory this machine can give a new process now (MemAvailable), or its total memory."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def saved_dtype(choice: str, model_path: str | Path) -> Optional[torch.dtype]:

@@ -16,10 +16,13 @@ itself and scores only the second half of each window); prefill and generation t
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -43,6 +46,16 @@ K_QUANT_ROW = 256
 # llama-quantize's line for a tensor whose rows do not fit the asked type (llama-quant.cpp).
 _FALLBACK = re.compile(r"warning: (?P<tensor>\S+)\s+- ncols\s+(?P<ncols>\d+) not divisible by\s+\d+ "
                        r"\(required for type\s+(?P<type>\S+)\).*?-> falling back to\s+(?P<fallback>\S+)")
+
+
+# How llama.cpp's tools report a write that came up short: the OS's words, a short numpy `tofile` (the
+# converter's GGUF writer: "31744 requested and 12000 written") or a C++ stream's failbit (llama-quantize:
+# "basic_ios::clear: iostream error"); the last two are what a full disk and `ulimit -f` both gave.
+_SHORT_WRITE = re.compile(r"No space left on device|File too large|Disk quota exceeded|\d+ requested and \d+ written|"
+                          r"iostream error")
+# Less free than this beside the output after a short write: the disk is what filled up (the partial file is
+# still there when this is checked, so a disk that ran out is still full; what is left is under a block).
+_FULL_BELOW_BYTES = 1 << 20
 
 
 class UnsupportedModel(OptiPFairError):
@@ -142,15 +155,25 @@ def export_gguf(model_path: str | Path, targets: Dict[str, str | Path], threads:
             for name, target in targets.items()}
 
 
-def _run(command: List[str], what: str) -> str:
-    """Run a llama.cpp tool; its combined output. A full disk raises ENOSPC (the caller's one line)."""
+def _run(command: List[str], what: str, output: Path) -> str:
+    """Run a llama.cpp tool that writes `output`; its combined output. A write that came up short raises the
+    OSError behind it (`_short_write`), which `staged_files` turns into one line naming the target."""
     result = subprocess.run(command, capture_output=True, text=True, errors="replace")
-    output = result.stdout + result.stderr
+    log = result.stdout + result.stderr
     if result.returncode != 0:
-        if "No space left on device" in output:
-            raise OSError(28, "No space left on device")
-        raise OptiPFairError(f"{what} failed: {_reason(output)}")
-    return output
+        if result.returncode == -signal.SIGXFSZ:  # a tool that does not ignore the signal ulimit -f sends
+            raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+        if _SHORT_WRITE.search(log):
+            raise _short_write(output.parent)
+        raise OptiPFairError(f"{what} failed: {_reason(log)}")
+    return log
+
+
+def _short_write(folder: Path) -> OSError:
+    """The cause of a tool's short write in `folder`: the disk is full (ENOSPC) when it has next to nothing
+    free, else a limit on the file's size (EFBIG: ulimit -f, or the filesystem's)."""
+    number = errno.ENOSPC if shutil.disk_usage(folder).free < _FULL_BELOW_BYTES else errno.EFBIG
+    return OSError(number, os.strerror(number))
 
 
 def _reason(output: str) -> str:
@@ -164,7 +187,7 @@ def _reason(output: str) -> str:
 def _convert(model_path: Path, output: Path, outtype: str) -> None:
     try:
         _run([sys.executable, str(_converter()), str(model_path), "--outfile", str(output), "--outtype", outtype],
-             "llama.cpp's converter")
+             "llama.cpp's converter", output)
     except OSError:
         raise
     except OptiPFairError as error:
@@ -174,7 +197,7 @@ def _convert(model_path: Path, output: Path, outtype: str) -> None:
 
 def _quantize(source: Path, output: Path, name: str, threads: Optional[int]) -> List[dict]:
     command = [str(_tool("llama-quantize")), str(source), str(output), name, str(threads or _threads())]
-    log = _run(command, f"llama-quantize {name}")
+    log = _run(command, f"llama-quantize {name}", output)
     return [{"tensor": m["tensor"], "ncols": int(m["ncols"]), "type": m["type"], "fallback": m["fallback"]}
             for m in _FALLBACK.finditer(log)]
 

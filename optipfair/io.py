@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
 import secrets
@@ -13,10 +12,11 @@ import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 
+from optipfair.checkpoint import architecture, is_model_dir, verify_checkpoint
 from optipfair.data import check_bos
 from optipfair.errors import OptiPFairError
 
@@ -113,20 +113,8 @@ def _check_bos(tokenizer, config, path) -> None:
 
 def load_skeleton(path: str, trust_remote_code: bool = False) -> torch.nn.Module:
     """The model's architecture with no weights (meta tensors): shapes and counts of any size, instantly."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     _check_source(path)
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as error:
-        raise OptiPFairError(f"could not read a model config from {path}: {str(error).splitlines()[0]}") from error
-
-
-def is_model_dir(path: str | Path) -> bool:
-    """Whether `path` is a local model directory (it holds a config.json), rather than a Hub id."""
-    return (Path(path) / "config.json").is_file()
+    return architecture(path, trust_remote_code)
 
 
 def _check_source(path: str) -> None:
@@ -135,140 +123,6 @@ def _check_source(path: str) -> None:
         raise OptiPFairError(f"{path} is not a model directory (no config.json)")
     if not local.exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
         raise OptiPFairError(f"model path {path} does not exist")
-
-
-# --- checking a checkpoint before trusting it -------------------------------------------------
-
-SHARD_INDEX = "model.safetensors.index.json"
-PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
-
-
-def verify_checkpoint(path: str | Path, trust_remote_code: bool = False, label: Optional[str] = None) -> None:
-    """Refuse, in one line naming the file, a model directory whose weights are not complete and whole.
-
-    Checks that every safetensors file is as long as its header says (a truncated copy is the usual
-    fault), that the shard index names only files that exist and tensors that are in them, and that
-    every tensor the architecture in config.json needs is there with its shape. Reads only headers
-    and builds the architecture on the meta device, so it costs well under a second for any size.
-    `label` names the directory in messages (default: the path itself).
-    """
-    folder = Path(path)
-    label = label or str(folder)
-    if not is_model_dir(folder):
-        raise OptiPFairError(f"{label} is not a model directory (no config.json)")
-    shapes: Dict[str, Tuple[Tuple[int, ...], str]] = {}  # tensor -> (shape, file that holds it)
-    for file in _weight_files(folder, label):
-        for tensor, shape in _safetensors_shapes(folder / file, f"{label}/{file}").items():
-            shapes[tensor] = (shape, file)
-    _check_shard_index(folder, label, shapes)
-    _check_tensors_match_config(folder, label, shapes, trust_remote_code)
-
-
-def _weight_files(folder: Path, label: str) -> list:
-    """The safetensors files that hold the weights: those the shard index names, else all of them."""
-    index = folder / SHARD_INDEX
-    if index.is_file():
-        weight_map = _read_shard_index(index, f"{label}/{SHARD_INDEX}")
-        files = sorted(set(weight_map.values()))
-        for file in files:
-            if not (folder / file).is_file():
-                raise OptiPFairError(
-                    f"{label}/{SHARD_INDEX} names {file}, which is not in {label}; the download or copy is incomplete"
-                )
-        return files
-    files = sorted(p.name for p in folder.glob("*.safetensors"))
-    if not files:
-        pickled = sorted(p.name for pattern in PICKLED_WEIGHTS for p in folder.glob(pattern))
-        if pickled:
-            raise OptiPFairError(
-                f"{label} has only pickled weights ({', '.join(pickled)}), which can run code when loaded; only "
-                "safetensors are read: convert them with save_pretrained(..., safe_serialization=True) where you trust them"
-            )
-        raise OptiPFairError(f"{label} has no *.safetensors weights")
-    return files
-
-
-def _read_shard_index(index: Path, label: str) -> Dict[str, str]:
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (ValueError, KeyError, TypeError) as error:
-        raise OptiPFairError(f"{label} is not a shard index (no JSON weight_map): {error}") from None
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise OptiPFairError(f"{label}: weight_map must map tensor names to file names")
-    return weight_map
-
-
-def _check_shard_index(folder: Path, label: str, shapes: Dict[str, Tuple[Tuple[int, ...], str]]) -> None:
-    index = folder / SHARD_INDEX
-    if not index.is_file():
-        return
-    for tensor, file in _read_shard_index(index, f"{label}/{SHARD_INDEX}").items():
-        if tensor not in shapes or shapes[tensor][1] != file:
-            raise OptiPFairError(f"{label}/{SHARD_INDEX} puts tensor {tensor} in {file}, which does not hold it")
-
-
-def _safetensors_shapes(file: Path, label: str) -> Dict[str, Tuple[int, ...]]:
-    """{tensor: shape} from a safetensors header, after checking the file is exactly as long as it says."""
-    from safetensors import SafetensorError, safe_open
-
-    size = file.stat().st_size
-    with open(file, "rb") as handle:
-        length = int.from_bytes(handle.read(8), "little") if size >= 8 else 0
-        if not 0 < length <= size - 8:
-            raise OptiPFairError(
-                f"{label} is truncated or not a safetensors file ({size} bytes, header claims {length}); "
-                "copy or download it again"
-            )
-        try:
-            header = json.loads(handle.read(length))
-            header.pop("__metadata__", None)
-            shapes = {name: tuple(info["shape"]) for name, info in header.items()}
-            data_end = max((info["data_offsets"][1] for info in header.values()), default=0)
-        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
-            raise OptiPFairError(f"{label} has a corrupt header: not a safetensors file; copy or download it again") from None
-    held = size - 8 - length
-    if held != data_end:
-        problem = "truncated" if held < data_end else "longer than its header says"
-        raise OptiPFairError(
-            f"{label} is {problem}: its header describes {data_end:,} bytes of tensors, the file holds {held:,}; "
-            "copy or download it again"
-        )
-    try:  # the library's own checks: dtypes against sizes, overlapping tensors
-        with safe_open(str(file), framework="pt") as opened:
-            opened.keys()
-    except SafetensorError as error:
-        raise OptiPFairError(f"{label} is corrupt ({error}); copy or download it again") from None
-    return shapes
-
-
-def _check_tensors_match_config(
-    folder: Path, label: str, shapes: Dict[str, Tuple[Tuple[int, ...], str]], trust_remote_code: bool
-) -> None:
-    """Every tensor the config's architecture needs is in the files, with the shape it needs."""
-    skeleton = load_skeleton(str(folder), trust_remote_code)
-    prefix = f"{skeleton.base_model_prefix}." if skeleton.base_model_prefix else ""
-    # Tied tensors (lm_head = embeddings) are one object under several names; one name in the files is enough.
-    groups: Dict[int, Tuple[torch.Tensor, list]] = {}
-    for name, tensor in skeleton.state_dict(keep_vars=True).items():
-        groups.setdefault(id(tensor), (tensor, []))[1].append(name)
-    missing = []
-    for tensor, names in groups.values():
-        # A checkpoint of the bare base model may store its tensors without the prefix.
-        bare = [name[len(prefix) :] for name in names if prefix and name.startswith(prefix)]
-        found = [name for name in names + bare if name in shapes]
-        if not found:
-            missing.append(names[0])
-        elif shapes[found[0]][0] != tuple(tensor.shape):
-            shape, file = shapes[found[0]]
-            raise OptiPFairError(
-                f"{label}/{file}: tensor {found[0]} has shape {list(shape)}, config.json needs {list(tensor.shape)}; "
-                "the weights and config.json are from different models"
-            )
-    if missing:
-        raise OptiPFairError(
-            f"{label}: {len(missing)} of the {len(groups)} tensors config.json needs are in no safetensors file "
-            f"(first: {missing[0]}); the download or copy is incomplete"
-        )
 
 
 # --- writing outputs --------------------------------------------------------------------------
@@ -362,8 +216,9 @@ def staged_directory(target: Path, needed_bytes: Optional[int] = None) -> Iterat
     except BaseException as error:
         written = _size_of(staging)
         shutil.rmtree(staging, ignore_errors=True)
-        if _is_disk_full(error):
-            raise OptiPFairError(_disk_full_message(target, needed_bytes, written)) from error
+        why = _out_of_space(error)
+        if why:
+            raise OptiPFairError(_disk_full_message(target, needed_bytes, written, why)) from error
         raise
 
 
@@ -439,8 +294,9 @@ def staged_files(targets: List[Path], needed_bytes: Optional[int] = None) -> Ite
             os.replace(scratch / target.name, target)
     except BaseException as error:
         written = _size_of(scratch)
-        if _is_disk_full(error):
-            raise OptiPFairError(_disk_full_message(first, needed_bytes, written)) from error
+        why = _out_of_space(error)
+        if why:
+            raise OptiPFairError(_disk_full_message(first, needed_bytes, written, why)) from error
         raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -494,21 +350,32 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def _is_disk_full(error: BaseException) -> bool:
-    # safetensors reports ENOSPC as SafetensorError with the OS message, not as an OSError.
+# A write that runs out of room: what the error says, and what to do about it.
+_OUT_OF_SPACE = {
+    errno.ENOSPC: ("no space left on device", "free some space or write elsewhere"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space or write elsewhere"),
+    errno.EFBIG: ("a file outgrew the file size limit", "raise the limit (ulimit -f) or write elsewhere"),
+}
+
+
+def _out_of_space(error: BaseException) -> Optional[tuple]:
+    """(what, fix) when `error`, or one it was raised from, is a write that ran out of room; else None."""
     while error is not None:
-        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-            return True
-        if "No space left on device" in str(error):
-            return True
+        if isinstance(error, OSError) and error.errno in _OUT_OF_SPACE:
+            return _OUT_OF_SPACE[error.errno]
+        for number, words in _OUT_OF_SPACE.items():
+            # safetensors reports them as SafetensorError with the OS message, not as an OSError.
+            if os.strerror(number) in str(error):
+                return words
         error = error.__cause__ or error.__context__
-    return False
+    return None
 
 
-def _disk_full_message(target: Path, needed_bytes: Optional[int], written: int) -> str:
+def _disk_full_message(target: Path, needed_bytes: Optional[int], written: int, why: tuple) -> str:
     free = shutil.disk_usage(target.parent).free
     need = f"needs about {_mb(needed_bytes)} MB" if needed_bytes else f"had written {_mb(written)} MB"
-    return f"no space left on device while writing {target} ({need}, {_mb(free)} MB free); free some space or write elsewhere"
+    what, fix = why
+    return f"{what} while writing {target} ({need}, {_mb(free)} MB free); {fix}"
 
 
 def _mb(size: int) -> str:

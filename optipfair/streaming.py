@@ -14,9 +14,7 @@ give the same weights.
 from __future__ import annotations
 
 import ctypes
-import json
 import math
-import os
 import shutil
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -27,27 +25,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from optipfair.adapters import get_adapter
+from optipfair.checkpoint import BLOCK_BYTES, MAX_SHARD_BYTES, Checkpoint, ShardWriter, verify_checkpoint
+from optipfair.core import check, shape, statistics
 from optipfair.errors import OptiPFairError
-from optipfair.evaluation.head import HEAD_CHUNK_LOGITS, decoder_body, head_nll
-from optipfair.io import SHARD_INDEX, check_output_path, staged_directory, verify_checkpoint
+from optipfair.evaluation.head import decoder_body, head_nll
+from optipfair.io import check_output_path, staged_directory
 from optipfair.pruning import calibration, depth
 from optipfair.pruning.methods import get_method
-from optipfair.pruning.mlp_glu import prune_mlp_by_weights, target_width
+from optipfair.pruning.mlp_glu import prune_mlp_by_weights
 from optipfair.pruning.options import PruningOptions
-from optipfair.pruning.utils import statistics_from_counts
 
-# Largest output shard (they go to disk tensor by tensor, so this costs no memory): an 8B model
-# in bf16 fits in 17 files.
-MAX_SHARD_BYTES = 2**30
 # Evaluation runs each layer on this many tokens at once: big enough for efficient matrix products,
 # small enough that a layer's intermediate activations stay well under the layer's own weights.
 EVAL_BATCH_TOKENS = 1024
-# Bytes per block when a tensor is copied from file to file, or a head weight cast to float32.
-_BLOCK_BYTES = 2**26
-# Room for each output shard's header (a few thousand tensors' names, shapes and offsets), and
-# what the header's metadata takes of it.
-_HEADER_ROOM = 2**18
-_HEADER_START = 64
 # Files copied unchanged beside the weights (config.json is rewritten with the new width).
 _COMPANION_FILES = ("generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
                     "vocab.*", "merges.txt", "*.model", "chat_template*")
@@ -85,20 +75,14 @@ def prune_checkpoint(
     source = Path(model_path)
     verify_checkpoint(source)
     target = check_output_path(str(output_path))
-    checkpoint = _Checkpoint(source)
+    checkpoint = Checkpoint(source)
     model = _skeleton(source, device)
     adapter = get_adapter(model)
     layers_prefix = _prefix_of(model, adapter.layers)
-    total_layers, old_width = len(adapter.layers), adapter.width(adapter.mlps[0])
-    if options.pruning_type == "DEPTH":
-        depth.check_layer_count(options.num_layers_to_remove, total_layers)
-        width, method = old_width, None
-    else:
-        width, method = target_width(adapter, options), get_method(options.method)
-    if options.needs_calibration:
-        what = "DEPTH pruning" if method is None else f"method {options.method}"
-        calibration_data = calibration.check_calibration_data(calibration_data, what)
-    before = _parameter_count(model)
+    width, calibration_data = check(adapter, options, calibration_data)
+    method = None if options.pruning_type == "DEPTH" else get_method(options.method)
+    before = shape(adapter)
+    total_layers, old_width = before["layers"], before["width"]
     outer = [name for name in checkpoint.names if not name.startswith(layers_prefix)]
 
     with staged_directory(target, needed_bytes=checkpoint.size_bytes) as staging, ExitStack() as calibrating:
@@ -106,7 +90,7 @@ def prune_checkpoint(
             # Calibration runs the model up to the first layer: only the embedding rows of the
             # calibration tokens are needed (the head and final norm are copied without being read in).
             calibration_data = calibrating.enter_context(_embedding_rows(model, checkpoint, calibration_data, device))
-        shards = _ShardWriter(staging, max_shard_bytes)
+        shards = ShardWriter(staging, max_shard_bytes)
         if method is None:
             # Two passes: measure every layer (each read once), then copy the kept ones, renumbered.
             layers = _streamed_layers(checkpoint, adapter, layers_prefix, device, "Layer importance", show_progress)
@@ -139,10 +123,8 @@ def prune_checkpoint(
         shards.finish()
         model.config.save_pretrained(staging)
         _copy_companions(source, staging)
-    after = _parameter_count(model)  # the layers, dropped to meta, keep their pruned shapes
-    stats = statistics_from_counts(before, after, old_width, width, adapter.hidden_size)
-    stats.update(original_layers=total_layers, pruned_layers=len(adapter.layers), pruning_type=options.pruning_type)
-    return stats
+    # The layers, dropped to meta, keep their pruned shapes.
+    return statistics(before, shape(adapter), options.pruning_type)
 
 
 def _streamed_layers(checkpoint, adapter, layers_prefix: str, device: str, description: str, show_progress: bool):
@@ -205,7 +187,7 @@ def perplexity_checkpoint(model_path: str | Path, windows: torch.Tensor, show_pr
     source = Path(model_path)
     verify_checkpoint(source)
     windows = calibration.check_calibration_data(windows, "perplexity")
-    checkpoint = _Checkpoint(source)
+    checkpoint = Checkpoint(source)
     model = _skeleton(source, device)
     adapter = get_adapter(model)
     layers_prefix = _prefix_of(model, adapter.layers)
@@ -222,7 +204,7 @@ def perplexity_checkpoint(model_path: str | Path, windows: torch.Tensor, show_pr
 
 
 @contextmanager
-def _embedding_rows(model: nn.Module, checkpoint: "_Checkpoint", token_ids: torch.Tensor, device: str):
+def _embedding_rows(model: nn.Module, checkpoint: Checkpoint, token_ids: torch.Tensor, device: str):
     """Within the block, the model's input embeddings hold only the rows of `token_ids`, in float32;
     yields the ids renumbered into them. The full-size (meta) embeddings come back after.
 
@@ -245,7 +227,7 @@ def _embedding_rows(model: nn.Module, checkpoint: "_Checkpoint", token_ids: torc
         embeddings.weight = full
 
 
-def _head_nll(model: nn.Module, checkpoint: "_Checkpoint", adapter, windows: torch.Tensor,
+def _head_nll(model: nn.Module, checkpoint: Checkpoint, adapter, windows: torch.Tensor,
               final_hidden: torch.Tensor) -> float:
     """Summed next-token NLL from the last layer's outputs, through the model's own final norm and head.
 
@@ -294,7 +276,7 @@ class _Float32Head(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]):
         super().__init__()
         self.weight, self.bias = weight, bias
-        self.rows = max(1, _BLOCK_BYTES // (4 * weight.shape[1]))
+        self.rows = max(1, BLOCK_BYTES // (4 * weight.shape[1]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import torch.nn.functional as F
@@ -307,159 +289,6 @@ class _Float32Head(nn.Module):
             out[..., start:stop] = F.linear(x, self.weight[start:stop].to(x.device).float(), bias)
         return out
 
-
-def in_memory_bytes(model_path: str | Path, dtype: torch.dtype = torch.float32) -> int:
-    """Bytes the checkpoint's weights take loaded in `dtype` (from the safetensors headers alone)."""
-    verify_checkpoint(model_path)  # a truncated or incomplete checkpoint is one line naming the file
-    shapes = _Checkpoint(Path(model_path)).shapes.values()
-    return sum(math.prod(shape) for shape in shapes) * torch.tensor([], dtype=dtype).element_size()
-
-
-def stored_dtype(model_path: str | Path) -> torch.dtype:
-    """The dtype the checkpoint's floating-point weights are stored in (the one holding most of their values).
-
-    Pruned and healed models are saved in it, whatever dtype the work ran in: a bf16 checkpoint's
-    variants stay bf16, so they are smaller on disk than their base.
-    """
-    checkpoint = _Checkpoint(Path(model_path))
-    values: Dict[torch.dtype, int] = {}
-    for name, dtype in checkpoint.dtypes.items():
-        if dtype.is_floating_point:
-            values[dtype] = values.get(dtype, 0) + math.prod(checkpoint.shapes[name])
-    return max(values, key=values.get) if values else torch.float32
-
-
-def working_memory_bytes(model_path: str | Path, tokens: int, seq_len: int, held_tokens: int = 0,
-                         training: bool = False) -> int:
-    """Bytes beyond the weights that running the checkpoint takes, estimated from its config (float32 throughout).
-
-    - Logits: `HEAD_CHUNK_LOGITS` of them at a time (`optipfair.evaluation.head`), three copies (the
-      logits, their log-softmax, a scaled or soft-capped copy); training holds the teacher's and the
-      student's and the student's gradients: four times that.
-    - Activations of `tokens` tokens in flight, in windows of `seq_len`: per token and layer, about 8
-      hidden-size vectors (residual, norm, q, k, v, attention output), 3 MLP-width ones (gate, up, their
-      product) and an attention score per head and position of the window. Inference holds one layer's
-      at a time; training keeps every layer's for the backward pass.
-    - `held_tokens` tokens' hidden states kept between layers, inputs and outputs (calibration).
-    - Training: the gradients and AdamW's two moments of every weight (train: all, the default), 3 x the
-      float32 weights.
-    """
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_path).get_text_config()
-    hidden, width = config.hidden_size, config.intermediate_size
-    per_layer = tokens * (8 * hidden + 3 * width + config.num_attention_heads * seq_len) * 4
-    logits = 3 * HEAD_CHUNK_LOGITS * 4
-    work = logits + per_layer + 2 * held_tokens * hidden * 4
-    if training:
-        work += 3 * logits + (config.num_hidden_layers - 1) * per_layer + 3 * in_memory_bytes(model_path)
-    return work
-
-
-def fits_in_memory(model_path: str | Path, dtype: torch.dtype, budget_gib: Optional[float] = None,
-                   device: str = "cpu") -> bool:
-    """Whether the checkpoint's weights in `dtype` fit `budget_gib` (see `memory_budget_bytes`)."""
-    return in_memory_bytes(model_path, dtype) <= memory_budget_bytes(budget_gib, device)
-
-
-def memory_budget_bytes(budget_gib: Optional[float] = None, device: str = "cpu") -> int:
-    """`budget_gib` in bytes; by default 80 % of the memory available now (the rest: activations, Python).
-
-    On a GPU, the lesser of the host's and the GPU's: a model in memory is loaded on the host, then moved.
-    """
-    if budget_gib is not None:
-        return int(budget_gib * 2**30)
-    available = available_memory_bytes()
-    if device.startswith("cuda"):
-        available = min(available, torch.cuda.mem_get_info(torch.device(device))[0])
-    return int(0.8 * available)
-
-
-def available_memory_bytes() -> int:
-    """Memory this machine can give a new process now (MemAvailable), or its total memory."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-class _Checkpoint:
-    """The tensors of a safetensors checkpoint: names, dtypes, shapes, and reading one at a time.
-
-    Read with plain file reads into fresh memory, not through a memory map: the pages of a map
-    count in the process's RSS until it is closed (as `/usr/bin/time -v` reports it), file reads
-    leave them in the page cache, which the system reclaims as it needs.
-    """
-
-    def __init__(self, folder: Path):
-        index = folder / SHARD_INDEX
-        if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        else:
-            files = sorted(file.name for file in folder.glob("*.safetensors"))
-        self.folder = folder
-        self.files: Dict[str, str] = {}
-        self.dtypes: Dict[str, torch.dtype] = {}
-        self.shapes: Dict[str, tuple] = {}
-        self.spans: Dict[str, tuple] = {}  # name -> (first byte in its file, bytes)
-        for file in files:
-            with open(folder / file, "rb") as handle:  # verify_checkpoint has checked the header
-                length = int.from_bytes(handle.read(8), "little")
-                header = json.loads(handle.read(length))
-            header.pop("__metadata__", None)
-            for name, info in header.items():
-                begin, end = info["data_offsets"]
-                self.files[name], self.dtypes[name] = file, _DTYPES[info["dtype"]]
-                self.shapes[name], self.spans[name] = tuple(info["shape"]), (8 + length + begin, end - begin)
-        self.names = list(self.files)
-        self.size_bytes = sum((folder / file).stat().st_size for file in files)
-
-    def read(self, name: str) -> torch.Tensor:
-        start, size = self.spans[name]
-        data = torch.empty(size, dtype=torch.uint8)
-        with open(self.folder / self.files[name], "rb", buffering=0) as handle:
-            _read_into(handle, start, data)
-        return data.view(self.dtypes[name]).reshape(self.shapes[name])
-
-    def read_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
-        """Rows `rows` (sorted indices along the first dimension) of tensor `name`, reading only those."""
-        start, size = self.spans[name]
-        row_bytes = size // self.shapes[name][0]
-        data = torch.empty(len(rows), row_bytes, dtype=torch.uint8)
-        with open(self.folder / self.files[name], "rb", buffering=0) as handle:
-            for out, row in zip(data, rows.tolist()):
-                _read_into(handle, start + row * row_bytes, out)
-        return data.view(self.dtypes[name]).reshape(len(rows), *self.shapes[name][1:])
-
-    def copy_to(self, name: str, out) -> None:
-        """Append tensor `name`'s bytes to the open file `out`, a block at a time."""
-        start, size = self.spans[name]
-        block = torch.empty(min(size, _BLOCK_BYTES), dtype=torch.uint8)
-        with open(self.folder / self.files[name], "rb", buffering=0) as handle:
-            for offset in range(0, size, len(block)):
-                part = block[:min(len(block), size - offset)]
-                _read_into(handle, start + offset, part)
-                out.write(part.numpy())
-
-
-def _read_into(handle, start: int, out: torch.Tensor) -> None:
-    """Fill the contiguous uint8 tensor `out` with the file's bytes from `start`."""
-    view, done = memoryview(out.numpy()).cast("B"), 0
-    handle.seek(start)
-    while done < len(view):
-        got = handle.readinto(view[done:])
-        if not got:
-            raise OptiPFairError(f"{handle.name} ended while reading a tensor: copy or download it again")
-        done += got
-
-
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
-_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
 def _skeleton(folder: Path, device: str) -> nn.Module:
@@ -479,7 +308,7 @@ def _skeleton(folder: Path, device: str) -> nn.Module:
     return model.eval()
 
 
-def _load(module: nn.Module, checkpoint: _Checkpoint, names: Iterable[str], prefix: str, device: str) -> None:
+def _load(module: nn.Module, checkpoint: Checkpoint, names: Iterable[str], prefix: str, device: str) -> None:
     """Read `names` from the checkpoint into `module` (names relative to it after `prefix`), on `device` in float32.
 
     Float32 whatever the stored dtype: calibration statistics and the refit are computed in it, as
@@ -492,7 +321,7 @@ def _load(module: nn.Module, checkpoint: _Checkpoint, names: Iterable[str], pref
     module.load_state_dict(tensors, strict=False, assign=True)
 
 
-def _original_name(name: str, checkpoint: _Checkpoint) -> str:
+def _original_name(name: str, checkpoint: Checkpoint) -> str:
     # A pruned fused projection keeps its name; every written tensor comes from one read under the same name.
     if name not in checkpoint.dtypes:
         raise OptiPFairError(f"pruning produced a tensor {name} that the checkpoint does not have")
@@ -507,89 +336,6 @@ def _weight_name(model: nn.Module, module: nn.Module) -> str:
 def _prefix_of(model: nn.Module, layers: nn.ModuleList) -> str:
     """The state-dict prefix of the decoder layers, e.g. 'model.layers.'."""
     return next(name for name, module in model.named_modules() if module is layers) + "."
-
-
-def _parameter_count(model: nn.Module) -> int:
-    """Parameters of the model, tied ones once (meta tensors count by their shapes)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
-class _ShardWriter:
-    """Writes tensors to numbered safetensors shards of at most `max_bytes`, then names them as transformers does.
-
-    A tensor's bytes go to disk when it is added, so no shard waits in memory. They go after room
-    kept for the header (which comes first in the file, and is known only when the shard is
-    full); the header is written there at the end, padded with spaces as the format allows, and
-    a shard also ends when its header would outgrow the room.
-    """
-
-    def __init__(self, folder: Path, max_bytes: int):
-        self.folder, self.max_bytes = folder, max_bytes
-        self.header: Dict[str, dict] = {}  # the open shard's tensors
-        self.header_bytes = _HEADER_START
-        self.file = None  # the open shard
-        self.size = 0
-        self.written: list = []  # (temporary file name, tensor names)
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        tensor = tensor.detach().cpu().contiguous()
-        self._begin(name, tensor.dtype, tuple(tensor.shape), tensor.numel() * tensor.element_size())
-        self.file.write(tensor.reshape(-1).view(torch.uint8).numpy())
-
-    def copy(self, name: str, checkpoint: _Checkpoint, source_name: str) -> None:
-        """Add tensor `source_name` of `checkpoint` unchanged, copied file to file without being read whole."""
-        self._begin(name, checkpoint.dtypes[source_name], checkpoint.shapes[source_name],
-                    checkpoint.spans[source_name][1])
-        checkpoint.copy_to(source_name, self.file)
-
-    def _begin(self, name: str, dtype: torch.dtype, shape: tuple, size: int) -> None:
-        entry = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [self.size, self.size + size]}
-        entry_bytes = len(json.dumps({name: entry}, separators=(",", ":")))  # its share of the header, and a bit more
-        if self.header and (self.size + size > self.max_bytes or self.header_bytes + entry_bytes > _HEADER_ROOM):
-            self._close()
-            entry["data_offsets"] = [0, size]
-        if self.file is None:
-            self.file = open(self.folder / f"part-{len(self.written):05d}.safetensors", "w+b")
-            self.file.seek(8 + _HEADER_ROOM)
-        self.header[name] = entry
-        self.header_bytes += entry_bytes
-        self.size += size
-
-    def _close(self) -> None:
-        if self.file is None:  # a model with no tensors at all: one empty shard
-            self.file = open(self.folder / f"part-{len(self.written):05d}.safetensors", "w+b")
-            self.file.seek(8 + _HEADER_ROOM)
-        header = json.dumps({"__metadata__": {"format": "pt"}, **self.header}, separators=(",", ":")).encode()
-        if self.size <= 64 * _HEADER_ROOM:
-            # A small shard is rewritten without the unused room (its data is little to move), so a
-            # small model's files are as big as save_file makes them.
-            self.file.seek(8 + _HEADER_ROOM)
-            data = self.file.read()
-            header += b" " * (-len(header) % 8)
-            self.file.seek(0)
-            self.file.write(len(header).to_bytes(8, "little") + header + data)
-            self.file.truncate()
-        else:
-            self.file.seek(0)
-            self.file.write(_HEADER_ROOM.to_bytes(8, "little") + header.ljust(_HEADER_ROOM))
-        self.file.close()
-        self.written.append((Path(self.file.name).name, list(self.header)))
-        self.header, self.header_bytes, self.file, self.size = {}, _HEADER_START, None, 0
-
-    def finish(self) -> None:
-        if self.header or not self.written:
-            self._close()
-        if len(self.written) == 1:
-            (self.folder / self.written[0][0]).rename(self.folder / "model.safetensors")
-            return
-        weight_map, total = {}, 0
-        for number, (file, names) in enumerate(self.written, start=1):
-            final = f"model-{number:05d}-of-{len(self.written):05d}.safetensors"
-            (self.folder / file).rename(self.folder / final)
-            total += (self.folder / final).stat().st_size
-            weight_map.update(dict.fromkeys(names, final))
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.folder / SHARD_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def _copy_companions(source: Path, staging: Path) -> None:

@@ -2,7 +2,7 @@
 
 The library's engine decides (`optipfair.engine.place`): `device` and `dtype` resolved once (auto: a
 GPU when there is one, bfloat16 on a GPU that supports it, float32 otherwise). Models whose weights in
-that dtype, with the working memory of the stage's work (`optipfair.streaming.working_memory_bytes`:
+that dtype, with the working memory of the stage's work (`optipfair.engine.working_memory_bytes`:
 a chunk of logits, a batch of activations, for healing the gradients and optimizer state too), would
 exceed `memory_budget_gib` (default: 80 % of the memory available when the stage starts, on the host
 and, on a GPU, on the GPU too) are handled out of core instead: layer by layer, on the same device.
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 from optipfair.engine import Placement, place
-from optipfair.streaming import working_memory_bytes
+from optipfair.engine import working_memory_bytes
 
 
 def placement(compute: Dict[str, Any], *model_dirs: Path, tokens: int, seq_len: int, held_tokens: int = 0,

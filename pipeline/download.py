@@ -7,7 +7,7 @@ Three sources:
   and generation config only (no `.bin`, no `original/`); an interrupted download resumes.
 - `local`: a model directory on disk (safetensors only).
 The result is written beside models/base and renamed into place, so it is either complete or absent,
-and it is checked (`optipfair.io.verify_checkpoint`) before it is: a truncated or incomplete copy is refused.
+and it is checked (`optipfair.checkpoint.verify_checkpoint`) before it is: a truncated or incomplete copy is refused.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ import zipfile
 from pathlib import Path
 from typing import Any, Dict
 
+from optipfair.checkpoint import verify_checkpoint
 from optipfair.errors import OptiPFairError
-from optipfair.io import load_tokenizer, save_tokenizer, staged_directory, verify_checkpoint
+from optipfair.io import load_tokenizer, save_tokenizer, staged_directory
 from pipeline import layout
 from pipeline.params import BASE_NAME, Params
 

@@ -61,6 +61,17 @@ KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 # server that is down for 4 min 17 s in silence, a budget meant for rate-limited shared servers. This
 # stage sends a few small requests, so it gives up after 3 tries: a refused connection fails in ~4 s,
 # a server that accepts and never answers in under 30 s (3 x 8 s + backoff). A value the user set wins.
+# The runs' key figures as the columns of a saved view of the runs page. MLflow 3.17 has no experiment tag
+# for the *default* columns (its default view is fixed: Source, Models, Dataset; a user's own choice stays
+# in the browser). Its saved views are experiment tags `mlflow.sharedViewState.<id>` holding
+# {name, createdAt, updatedAt, state} with the view's state as a JSON string, as the UI's "Save view"
+# writes them; the runs page lists them under "Saved views" and opens one at
+# #/experiments/<experiment id>/runs?viewStateShareKey=<id>.
+VIEW_ID = "optipfair-key-metrics"
+VIEW_TAG, VIEW_NAME = f"mlflow.sharedViewState.{VIEW_ID}", "Key metrics"
+VIEW_PARAMS = ("variant.method", "variant.pruning_percentage")
+VIEW_METRICS = ("perplexity", "perplexity_ratio", "perplexity_out_of_domain_ratio", "parameter_reduction_pct",
+                "size_mb", "prefill_speedup", "generation_speedup")
 HTTP_PATIENCE = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -180,8 +191,12 @@ def _sync(params: Params, all_metrics: Dict[str, dict], uri: str) -> Dict[str, d
     name = params.tracking["experiment"]
     experiment = client.get_experiment_by_name(name)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
-    if (experiment.tags if experiment else {}).get(KIND_TAG) != MODEL_TRAINING:
+    tags = experiment.tags if experiment else {}
+    if tags.get(KIND_TAG) != MODEL_TRAINING:
         client.set_experiment_tag(experiment_id, KIND_TAG, MODEL_TRAINING)
+    view = key_metrics_view(all_metrics, tags.get(VIEW_TAG))
+    if view is not None:
+        client.set_experiment_tag(experiment_id, VIEW_TAG, view)
     commit = git_commit()
     shared_artifacts = [p for p in (layout.SUMMARY, layout.ANALYSIS, *PLOT_FILES.values()) if p.is_file()]
     ledger = {}
@@ -249,6 +264,28 @@ def _sync(params: Params, all_metrics: Dict[str, dict], uri: str) -> Dict[str, d
         ledger[model] = {"run_id": run_id, "run_key": key, "status": status}
     _tag_removed(client, experiment_id, set(all_metrics))
     return ledger
+
+
+def key_metrics_view(all_metrics: Dict[str, dict], saved: str | None) -> str | None:
+    """The VIEW_TAG value of a saved view whose columns are the logged models, each variant's method and
+    percentage, the key metrics and each task's score, sorted by perplexity. None when `saved` (the tag's
+    value now) already shows those: an unchanged pipeline writes nothing."""
+    tasks = sorted({key for metrics in all_metrics.values() for key in task_metrics(metrics)
+                    if key.count(".") == 1})  # task.<name>, not its stderr
+    columns = ["attributes.`Models`", *(f"params.`{name}`" for name in VIEW_PARAMS),
+               *(f"metrics.`{name}`" for name in (*VIEW_METRICS, *tasks))]
+    state = json.dumps({"selectedColumns": columns, "orderByKey": "metrics.`perplexity`", "orderByAsc": True})
+    now = int(time.time() * 1000)
+    created = now
+    if saved:
+        try:
+            envelope = json.loads(saved)
+            if envelope["state"] == state:
+                return None
+            created = int(envelope["createdAt"])
+        except (ValueError, KeyError, TypeError):
+            pass  # not a view's envelope: written again whole
+    return json.dumps({"name": VIEW_NAME, "createdAt": created, "updatedAt": now, "state": state})
 
 
 def _tag_removed(client, experiment_id: str, models: set) -> None:

@@ -7,6 +7,8 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -153,6 +155,90 @@ def work_clock(monkeypatch):
 
     monkeypatch.setattr(benchmarks, "time", SimpleNamespace(perf_counter=lambda: float(work[0])))
     return count
+
+
+class UnavailableServer:
+    """A real HTTP server on the loopback that answers every request 503 (Service Unavailable) and counts them.
+
+    It stands for a tracking server that is down behind its proxy: MLflow's client retries 503, so the
+    count is how many tries the client made, and every answer comes at once, so no test waits on a timeout.
+    """
+
+    def __init__(self):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        server = self
+        self.requests = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def _unavailable(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(length)
+                server.requests.append(f"{self.command} {self.path}")
+                body = b"down for maintenance"
+                self.send_response(503)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = _unavailable
+
+            def log_message(self, *args):  # quiet: the test reads the count, not a log
+                pass
+
+        self._http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._http.server_address[1]}"
+        self._thread = threading.Thread(target=self._http.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self):
+        self._http.shutdown()
+        self._http.server_close()
+
+
+@pytest.fixture
+def unavailable_server():
+    """An `UnavailableServer` for the test; shut down after it."""
+    server = UnavailableServer()
+    yield server
+    server.close()
+
+
+def stopped_at_pause(process: subprocess.Popen, timeout: float = 600) -> bool:
+    """Wait until `process` stops itself at its pause point (True) or ends without reaching it (False).
+
+    The process signals the point (it stops), so no delay is guessed: a fast one cannot finish first.
+    """
+    watchdog = threading.Timer(timeout, process.kill)  # one that never gets there must not hang the suite
+    watchdog.start()
+    try:
+        # WNOWAIT: the child stays waitable, so Popen still collects its exit status.
+        return os.waitid(os.P_PID, process.pid, os.WSTOPPED | os.WEXITED | os.WNOWAIT).si_code == os.CLD_STOPPED
+    finally:
+        watchdog.cancel()
+
+
+def one_line_error(call, *args, match):
+    """The message of the OptiPFairError `call(*args)` raises, which must match `match` and be one line."""
+    from optipfair import OptiPFairError
+
+    with pytest.raises(OptiPFairError, match=match) as error:
+        call(*args)
+    assert "\n" not in str(error.value)
+    return str(error.value)
+
+
+@contextmanager
+def tmpfs(path, options):
+    """A real small or read-only filesystem at `path` (mounting needs root: skipped without it)."""
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
 
 
 def parameter_count(model) -> int:

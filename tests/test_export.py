@@ -21,6 +21,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from conftest import tmpfs
 from families import save_family_model
 from optipfair.cli import app as optipfair_cli
 from optipfair.data import default_texts, token_windows
@@ -180,6 +181,60 @@ def test_cli_exports_and_reports_the_fallbacks(pruned_dir, tmp_path):
     printed = json.loads(result.stdout)
     assert printed["size_bytes"] == target.stat().st_size
     assert any(f["tensor"] == "blk.1.ffn_down.weight" and f["ncols"] == 90 for f in printed["fallbacks"])
+
+
+# --- a disk that fills up, a file size limit ---------------------------------------------------
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("fills_at", ["converter", "quantizer"])
+def test_a_disk_that_fills_up_during_export_is_one_line_and_keeps_the_previous_files(llama_dir, tmp_path, fills_at):
+    earlier = export_gguf(llama_dir, {"F16": tmp_path / "m-F16.gguf", "Q8_0": tmp_path / "m-Q8_0.gguf"})
+    f16, q8 = earlier["F16"].size_bytes, earlier["Q8_0"].size_bytes
+    # A real filesystem holding the earlier files, with room for half the converter's F16 file (the
+    # quantizer's input), or for all of it and half the Q8_0 file.
+    room = f16 // 2 if fills_at == "converter" else f16 + q8 // 2
+    with tmpfs(tmp_path / "disk", f"size={f16 + q8 + room}") as disk:
+        for item in earlier.values():
+            shutil.copy(item.path, disk / item.path.name)
+        before = {path.name: path.read_bytes() for path in disk.iterdir()}
+        target = disk / "m-Q8_0.gguf"
+        result = CliRunner().invoke(optipfair_cli, ["export", "--model-path", str(llama_dir), "--output-path",
+                                                    str(target), "--format", "Q8_0"])
+        assert result.exit_code == 1, result.output
+        [line] = result.stderr.strip().splitlines()
+        assert f"no space left on device while writing {target} (" in line, line
+        assert line.endswith("MB free); free some space or write elsewhere"), line
+        # Nothing half-written, no scratch: the folder is as the earlier export left it.
+        assert {path.name: path.read_bytes() for path in disk.iterdir()} == before
+
+
+LIMITED_EXPORT = """
+import resource, sys
+from optipfair.cli import app
+limit = int(sys.argv.pop(1))
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # every file written from here on, the tools' too
+app()
+"""
+
+
+@needs_llama_cpp
+def test_a_file_size_limit_during_export_is_one_line_and_keeps_the_previous_file(llama_dir, tmp_path):
+    import subprocess
+    import sys
+
+    target = tmp_path / "m-Q8_0.gguf"
+    earlier = export_gguf(llama_dir, {"F16": tmp_path / "m-F16.gguf", "Q8_0": target})
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    limit = (earlier["F16"].size_bytes + earlier["Q8_0"].size_bytes) // 2  # the Q8_0 file fits, the F16 one not
+    done = subprocess.run([sys.executable, "-c", LIMITED_EXPORT, str(limit), "export", "--model-path", str(llama_dir),
+                           "--output-path", str(target), "--format", "Q8_0"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    assert done.returncode == 1, done.stderr
+    [line] = done.stderr.strip().splitlines()  # one line, no traceback
+    assert f"a file outgrew the file size limit while writing {target} (" in line, line
+    assert line.endswith("; raise the limit (ulimit -f) or write elsewhere"), line
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
 
 
 # --- without llama.cpp, or bad input -----------------------------------------------------------

@@ -8,20 +8,17 @@ import socket
 import stat
 import subprocess
 import sys
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from optipfair import OptiPFairError
 from optipfair.cli import app as cli_app
-from optipfair.io import load_model, load_tokenizer, remove_stale_staging, save_model, verify_checkpoint
-from conftest import make_tiny_model
+from optipfair.io import load_model, load_tokenizer, remove_stale_staging, save_model
+from conftest import make_tiny_model, one_line_error, stopped_at_pause, tmpfs
 
 
 class ExplodingTokenizer:
@@ -69,19 +66,6 @@ def test_load_errors_are_one_clear_line(path, message):
     assert "\n" not in str(error.value)
 
 
-def test_pickled_weights_are_never_loaded(tmp_path):
-    """A pytorch_model.bin can run code when unpickled: only safetensors are accepted."""
-    import torch
-
-    model = make_tiny_model("llama")
-    model.save_pretrained(tmp_path)
-    (tmp_path / "model.safetensors").unlink()
-    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
-    with pytest.raises(OptiPFairError, match="only pickled weights .pytorch_model.bin.") as error:
-        load_model(str(tmp_path))
-    assert "\n" not in str(error.value)
-
-
 def test_saved_tokenizer_does_not_depend_on_offline_mode(tmp_path, tiny_tokenizer):
     # HF_HUB_OFFLINE=1 makes transformers record local_files_only=true; saved on a machine without
     # it, the same model would differ by that line and DVC would see a changed output.
@@ -96,110 +80,7 @@ def test_saved_tokenizer_does_not_depend_on_offline_mode(tmp_path, tiny_tokenize
     assert configs[0] == configs[1] and "local_files_only" not in configs[0]
 
 
-# --- checkpoints that are not whole (issue #9 case 1) -----------------------------------------
-
-
-def saved(path, tokenizer=None, shards=False, **overrides):
-    """A tiny Llama saved to `path` (in several files with an index when `shards`)."""
-    make_tiny_model("llama", **overrides).save_pretrained(path, **({"max_shard_size": "40KB"} if shards else {}))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
-    return path
-
-
-def one_line_error(call, *args, match):
-    with pytest.raises(OptiPFairError, match=match) as error:
-        call(*args)
-    assert "\n" not in str(error.value)
-    return str(error.value)
-
-
-def test_a_whole_checkpoint_passes_including_tied_embeddings_and_shards(tmp_path):
-    verify_checkpoint(saved(tmp_path / "plain"))
-    verify_checkpoint(saved(tmp_path / "tied", tie_word_embeddings=True))
-    assert "lm_head.weight" not in safe_open(str(tmp_path / "tied" / "model.safetensors"), "pt").keys()
-    shards = saved(tmp_path / "shards", shards=True)
-    assert len(list(shards.glob("*.safetensors"))) > 1
-    verify_checkpoint(shards)
-    load_model(str(shards))
-
-
-def test_truncated_weights_are_one_line_naming_the_file_not_a_traceback(tmp_path, tiny_tokenizer):
-    model = saved(tmp_path / "m", tiny_tokenizer)
-    weights = model / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    message = one_line_error(load_model, str(model), match="model.safetensors is truncated")
-    assert str(weights) in message
-    # The command a user runs: one line on stderr, nothing written.
-    result = CliRunner().invoke(cli_app, ["prune", "--model-path", str(model), "--output-path", str(tmp_path / "out")])
-    assert result.exit_code == 1 and result.stderr.count("\n") == 1 and "truncated" in result.stderr
-    assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.parametrize(
-    "damage, match",
-    [
-        (lambda f: f.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}"), "corrupt header"),
-        (lambda f: f.write_bytes(b"\xff" * 8), "truncated or not a safetensors file"),
-        (lambda f: f.write_bytes(f.read_bytes() + b"\x00" * 64), "longer than its header says"),
-    ],
-    ids=["bad-json", "huge-header-length", "trailing-bytes"],
-)
-def test_corrupt_weights_are_one_line(tmp_path, damage, match):
-    model = saved(tmp_path / "m")
-    damage(model / "model.safetensors")
-    one_line_error(verify_checkpoint, model, match=match)
-
-
-def test_a_shard_index_naming_a_missing_file_is_refused(tmp_path):
-    shards = saved(tmp_path / "shards", shards=True)
-    last = sorted(shards.glob("model-*.safetensors"))[-1]
-    last.unlink()
-    one_line_error(verify_checkpoint, shards, match=f"index.json names {last.name}, which is not in")
-    one_line_error(load_model, str(shards), match="incomplete")
-
-
-def test_a_shard_index_pointing_at_the_wrong_shard_is_refused(tmp_path):
-    shards = saved(tmp_path / "shards", shards=True)
-    index = shards / "model.safetensors.index.json"
-    content = json.loads(index.read_text())
-    files = sorted(set(content["weight_map"].values()))
-    content["weight_map"]["model.norm.weight"] = next(f for f in files if f != content["weight_map"]["model.norm.weight"])
-    index.write_text(json.dumps(content))
-    one_line_error(verify_checkpoint, shards, match="puts tensor model.norm.weight in model-")
-
-
-def test_a_missing_tensor_is_refused_instead_of_loading_random_weights(tmp_path):
-    # transformers would fill the gap with random values and only warn.
-    model = saved(tmp_path / "m")
-    weights = load_file(model / "model.safetensors")
-    del weights["model.layers.1.mlp.down_proj.weight"]
-    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
-    one_line_error(load_model, str(model), match="1 of the .* tensors config.json needs are in no safetensors file "
-                   r"\(first: model.layers.1.mlp.down_proj.weight\)")
-
-
-def test_weights_of_another_shape_than_the_config_are_refused(tmp_path):
-    model = saved(tmp_path / "m")
-    config = json.loads((model / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps({**config, "intermediate_size": 48}))
-    one_line_error(verify_checkpoint, model, match=r"gate_proj.weight has shape \[64, 32\], config.json needs \[48, 32\]")
-
-
 # --- where outputs go: unwritable, full, killed, modes (issue #9 cases 8, 9, 10, 12) -----------
-
-
-@contextmanager
-def tmpfs(path, options):
-    """A real small or read-only filesystem at `path` (mounting needs root: skipped without it)."""
-    path.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", str(path)], check=True)
 
 
 def test_an_unwritable_output_path_is_refused_before_loading(tmp_path, tiny_model_dir):
@@ -233,19 +114,49 @@ def test_disk_full_is_one_line_with_sizes_and_keeps_the_previous_model(tmp_path,
         assert {p.name: p.read_bytes() for p in target.iterdir()} == before
 
 
+LIMITED_SAVE = """
+import resource, sys
+from conftest import make_tiny_model
+from optipfair import OptiPFairError
+from optipfair.io import save_model
+
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # no file over 1 MB
+try:
+    save_model(make_tiny_model("llama", hidden_size=128, intermediate_size=512), None, sys.argv[1])  # ~2.4 MB
+except OptiPFairError as error:
+    sys.exit(str(error))
+"""
+
+
+def test_a_file_size_limit_while_saving_is_one_line_and_keeps_the_previous_model(tmp_path, tiny_tokenizer):
+    root = Path(__file__).resolve().parents[1]
+    target = tmp_path / "pruned"
+    save_model(make_tiny_model("llama"), tiny_tokenizer, str(target))
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    done = subprocess.run([sys.executable, "-c", LIMITED_SAVE, str(target)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}"}, timeout=600)
+    assert done.returncode == 1, done.stderr
+    line = done.stderr.strip().splitlines()[-1]  # after transformers' progress bar, one line
+    assert "Traceback" not in done.stderr
+    assert re.fullmatch(rf"a file outgrew the file size limit while writing {target} \(needs about 2 MB, [\d,.]+ MB "
+                        r"free\); raise the limit \(ulimit -f\) or write elsewhere", line), line
+    assert [p.name for p in tmp_path.iterdir()] == ["pruned"]
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+
+
 HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())  # as staging names carry it
 
 KILLED_SAVE = """
-import sys, time
+import os, signal, sys
 from pathlib import Path
 from conftest import make_tiny_model
 from optipfair.io import save_model
 
-class StuckTokenizer:  # stands for a save that takes long (a big model): the model is written, then it waits
+class StuckTokenizer:  # stands for a save that takes long (a big model): the model is written, then it stops
     init_kwargs = {}
     def save_pretrained(self, directory):
         Path(sys.argv[2]).write_text(str(directory))
-        time.sleep(600)
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 save_model(make_tiny_model("llama"), StuckTokenizer(), sys.argv[1])
 """
@@ -257,10 +168,7 @@ def test_staging_left_by_a_killed_save_is_removed_by_the_next_one(tmp_path, tiny
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}"}
     saving = subprocess.Popen([sys.executable, "-c", KILLED_SAVE, str(target), str(marker)], env=env)
     try:
-        deadline = time.monotonic() + 120
-        while not marker.exists() and saving.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert marker.exists(), "the save never got under way"
+        assert stopped_at_pause(saving), "the save ended without getting to the tokenizer"
         staging = Path(marker.read_text())
         assert (staging / "model.safetensors").is_file()
     finally:

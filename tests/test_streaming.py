@@ -159,7 +159,7 @@ def test_layer_by_layer_perplexity_of_a_bfloat16_checkpoint_is_the_float32_figur
     # Positions through the head a few at a time, its weight cast a few rows at a time: chunk edges everywhere.
     vocabulary = loaded.config.vocab_size
     monkeypatch.setattr(head, "HEAD_CHUNK_LOGITS", 7 * vocabulary)
-    monkeypatch.setattr(streaming, "_BLOCK_BYTES", 4 * loaded.config.hidden_size * (vocabulary // 3))
+    monkeypatch.setattr(streaming, "BLOCK_BYTES", 4 * loaded.config.hidden_size * (vocabulary // 3))
     assert streaming.perplexity_checkpoint(tmp_path / "m", windows, show_progress=False) == pytest.approx(expected, rel=1e-4)
 
 
@@ -170,23 +170,6 @@ def test_layer_by_layer_perplexity_refuses_tokens_outside_the_vocabulary(tmp_pat
     vocabulary = json.loads((tmp_path / "m/config.json").read_text())["vocab_size"]
     with pytest.raises(OptiPFairError, match=f"token id {vocabulary} is outside the model's vocabulary of {vocabulary}"):
         perplexity_checkpoint(tmp_path / "m", torch.full((1, 8), vocabulary), show_progress=False)
-
-
-def test_shards_also_end_when_their_header_is_full(tiny_tokenizer, tmp_path, monkeypatch):
-    from optipfair import streaming
-
-    source = tmp_path / "source"
-    make_tiny_model("llama").save_pretrained(source)
-    monkeypatch.setattr(streaming, "_HEADER_ROOM", 1024)  # room for a few tensors' entries only
-    options = PruningOptions(method="MAW", pruning_percentage=50)
-
-    prune_checkpoint(source, tmp_path / "out", options, show_progress=False)
-
-    index = json.loads((tmp_path / "out/model.safetensors.index.json").read_text())
-    assert len(set(index["weight_map"].values())) > 1  # the model is far below max_shard_bytes: the headers ended them
-    expected = _in_memory(source, options)
-    streamed = _weights(tmp_path / "out")
-    assert streamed.keys() == expected.keys() and all(torch.equal(streamed[k], t) for k, t in expected.items())
 
 
 @pytest.mark.parametrize("arch, overrides", [("gemma2", {"final_logit_softcapping": 2.0}),
