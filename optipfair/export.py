@@ -212,8 +212,13 @@ def _bindings():
     os.environ.setdefault("LLAMA_CPP_LIB_PATH", str(home / "bin"))
     try:
         import llama_cpp
-    except (ImportError, OSError, RuntimeError, FileNotFoundError):
-        raise OptiPFairError(_install_hint(home)) from None
+    except (ImportError, OSError, RuntimeError, FileNotFoundError) as error:
+        if not (home / "bin" / "llama-quantize").exists():
+            raise OptiPFairError(_install_hint(home)) from None
+        # Built, but its library does not load (e.g. moved after a build whose tools looked up their build folder)
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise OptiPFairError(f"llama.cpp in {home} does not load ({reason}): rebuild it with "
+                             f"rm -rf {home / 'bin'} && tools/build_llama_cpp.sh") from None
     return llama_cpp
 
 

@@ -5,7 +5,8 @@
 #   .llama.cpp/bin/   llama-quantize, llama-bench, llama-perplexity and libllama.so
 # and installs the sdist's Python bindings without a second native build (they load bin/libllama.so).
 # Portable flags: the default native build segfaults on Q8_0/Q4_K on CPUs that advertise AMX they do
-# not run. About 4 minutes on 2 cores. Usage: tools/build_llama_cpp.sh  (in the activated venv)
+# not run. The tools find their libraries beside them ($ORIGIN), so the checkout can move.
+# About 4 minutes on 2 cores. Usage: tools/build_llama_cpp.sh  (in the activated venv)
 set -euo pipefail
 VERSION=0.3.36
 cd "$(dirname "$0")/.."
@@ -20,7 +21,7 @@ SDIST="$DEST/dl/llama_cpp_python-$VERSION.tar.gz"
 tar xzf "$SDIST" -C "$DEST" && mv "$DEST/llama_cpp_python-$VERSION" "$DEST/src"
 cmake -S "$DEST/src/vendor/llama.cpp" -B "$DEST/build" -DCMAKE_BUILD_TYPE=Release \
     -DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-    -DLLAMA_BUILD_SERVER=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON > "$DEST/cmake.log"
+    -DLLAMA_BUILD_SERVER=OFF -DCMAKE_BUILD_RPATH_USE_ORIGIN=ON -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON > "$DEST/cmake.log"
 cmake --build "$DEST/build" -j "$JOBS" --target llama-quantize llama-bench llama-perplexity > "$DEST/build.log"
 mkdir -p "$DEST/bin" && cp -P "$DEST/build/bin/"* "$DEST/bin/"
 # The bindings only (LLAMA_BUILD=OFF): the shared library is the one built above.
