@@ -257,7 +257,7 @@ def test_the_stage_exports_measures_and_reports_each_model(llama_dir, pruned_dir
     save_family_model("qwen2", tmp_path / "models" / "q")  # a tokenizer llama.cpp's converter does not know
     variants = {"v": {"method": "MAW", "pruning_percentage": 30}, "q": {"method": "MAW"}}
     params = load_params(_params(tmp_path, variants=variants, export={"formats": ["F16", "Q4_K_M"]},
-                                 evaluate={"num_tokens": 256, "seq_len": 64, "max_new_tokens": 4, "num_runs": 2}))
+                                 evaluate={"num_tokens": 256, "seq_len": 64}))
     base = stage.run(params, "base")
     variant = stage.run(params, "v")
     skipped = stage.run(params, "q")  # recorded, not fatal
@@ -267,7 +267,8 @@ def test_the_stage_exports_measures_and_reports_each_model(llama_dir, pruned_dir
     assert json.loads((tmp_path / "reports" / "gguf" / "v.json").read_text()) == variant
     f16, q4 = variant["formats"]["F16"], variant["formats"]["Q4_K_M"]
     assert f16["eval_tokens"] == 256 and q4["size_mb"] < f16["size_mb"]
-    assert {"prefill_speedup", "generation_speedup"} <= set(f16) and "prefill_speedup" not in base["formats"]["F16"]
+    # Only what the files are: speed is the machine's (the speed stage), not part of this DVC output.
+    assert not any("speed" in key or "tokens_per_s" in key for key in f16)
     # 90-pair MLP: the ffn_down rows fall back, in both layers, and the report says so.
     # (Q4_K_M writes some layers' ffn_down in Q6_K, whose fallback is another type: one group per pair of types.)
     down = [g for g in q4["fallbacks"] if g["tensor"] == "ffn_down.weight"]

@@ -179,7 +179,7 @@ def test_dvc_repro_puts_task_scores_in_metrics_report_and_mlflow_models(tmp_path
         "base": {"source": "local", "path": str(tiny_model_dir)},
         "data": {"source": "default"},
         "calibration": {"num_tokens": 256, "seq_len": 64},
-        "evaluate": {"num_tokens": 256, "seq_len": 64, "max_new_tokens": 4, "num_runs": 1, "warmup_runs": 0,
+        "evaluate": {"num_tokens": 256, "seq_len": 64,
                      "tasks": ["tasks/python_docs.yaml"]},
         "tracking": {"experiment": "tasks-test"},
         "variants": {"maw-25": {"method": "MAW", "pruning_percentage": 25}},

@@ -242,7 +242,7 @@ def _dvc_project(root: Path, model_dir: Path) -> Path:
         "base": {"source": "local", "path": str(model_dir)},
         "data": {"source": "default"},
         "calibration": {"num_tokens": 256, "seq_len": 64},
-        "evaluate": {"num_tokens": 256, "seq_len": 64, "max_new_tokens": 4, "num_runs": 1, "warmup_runs": 0},
+        "evaluate": {"num_tokens": 256, "seq_len": 64},
         "tracking": {"experiment": EXPERIMENT},
         "variants": {"maw-25": {"method": "MAW", "pruning_percentage": 25}},
     })
