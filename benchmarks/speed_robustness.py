@@ -154,11 +154,16 @@ def main() -> None:
     parser.add_argument("--variant", default="auto-35", help="a variant of params.yaml, built with its GGUF files")
     parser.add_argument("--runs", type=int, default=5, help="measurements per condition (default 5)")
     parser.add_argument("--save", action="store_true", help="also write benchmarks/results/speed_robustness.md and .json")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs saved in benchmarks/results/speed_robustness.json and run only the rest")
     args = parser.parse_args()
     from pipeline.params import load_params
 
     params = load_params()
     started, idle, loaded = time.time(), [], []
+    if args.resume:
+        saved = json.loads((RESULTS / "speed_robustness.json").read_text())["records"]
+        idle, loaded = saved["idle"][:args.runs], saved["loaded"][:args.runs]
 
     def save() -> str:
         result = {"command": command("benchmarks.speed_robustness"), "variant": args.variant, "runs": args.runs,
@@ -171,8 +176,8 @@ def main() -> None:
             (RESULTS / "speed_robustness.md").write_text(text)
         return text
 
-    run_condition(params, args.variant, args.runs, False, idle, save)
-    run_condition(params, args.variant, args.runs, True, loaded, save)
+    run_condition(params, args.variant, args.runs - len(idle), False, idle, save)
+    run_condition(params, args.variant, args.runs - len(loaded), True, loaded, save)
     print(save())
 
 

@@ -209,22 +209,31 @@ def gguf_perplexity(path: str | Path, windows, threads: Optional[int] = None) ->
     """exp(mean next-token NLL) of the GGUF model at `path` over `windows` [n, seq_len], each an independent
     context, as optipfair.evaluation.perplexity computes it with transformers (positions 1 onwards are
     predicted), but with llama.cpp's own forward pass."""
+    return gguf_perplexities(path, [windows], threads)[0]
+
+
+def gguf_perplexities(path: str | Path, window_sets, threads: Optional[int] = None) -> List[float]:
+    """`gguf_perplexity` over each of `window_sets` (e.g. in-domain and out-of-domain windows of one length),
+    the model loaded once."""
     import torch
 
-    windows = [list(map(int, window)) for window in windows.tolist()]
-    seq_len = len(windows[0])
+    sets = [[list(map(int, window)) for window in windows.tolist()] for windows in window_sets]
+    seq_len = len(sets[0][0])
     model = _load(path, seq_len, threads, logits_all=True)
-    total_nll, total_tokens = 0.0, 0
+    results = []
     try:
-        for window in windows:
-            model.reset()
-            model.eval(window)
-            logits = torch.from_numpy(model.scores[: seq_len - 1])  # float32, as transformers' figure is computed
-            total_nll += torch.nn.functional.cross_entropy(logits, torch.tensor(window[1:]), reduction="sum").item()
-            total_tokens += seq_len - 1
+        for windows in sets:
+            total_nll, total_tokens = 0.0, 0
+            for window in windows:
+                model.reset()
+                model.eval(window)
+                logits = torch.from_numpy(model.scores[: seq_len - 1])  # float32, as transformers' figure is computed
+                total_nll += torch.nn.functional.cross_entropy(logits, torch.tensor(window[1:]), reduction="sum").item()
+                total_tokens += seq_len - 1
+            results.append(math.exp(total_nll / total_tokens))
     finally:
         model.close()
-    return math.exp(total_nll / total_tokens)
+    return results
 
 
 @contextmanager

@@ -18,7 +18,7 @@ import time
 from typing import Dict, List
 
 from optipfair.data import token_windows
-from optipfair.export import UnsupportedModel, export_gguf, gguf_perplexity
+from optipfair.export import UnsupportedModel, export_gguf, gguf_perplexities
 from optipfair.io import load_tokenizer
 from pipeline import layout
 from pipeline.params import Params
@@ -35,6 +35,7 @@ def run(params: Params, name: str) -> dict:
     record = {"formats": {}}
     try:
         exported = export_gguf(layout.model_dir(name), targets)
+        print(f"export {name}: converted and quantized in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     except UnsupportedModel as error:
         print(f"export {name}: skipped: {error}", file=sys.stderr)
         exported, record["skipped"] = {}, str(error)
@@ -47,7 +48,9 @@ def run(params: Params, name: str) -> dict:
     if exported:
         windows = _windows(params, name)
         for fmt, item in exported.items():
+            measuring = time.perf_counter()
             record["formats"][fmt] = _measure(item, windows)
+            print(f"export {name}: {fmt} perplexity in {time.perf_counter() - measuring:.1f} s", file=sys.stderr)
     layout.write_json_atomic(layout.gguf_metrics_file(name), record)
     print(f"export {name}: {', '.join(exported) or 'nothing'} in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return record
@@ -64,10 +67,11 @@ def _windows(params: Params, name: str):
 
 def _measure(item, windows) -> dict:
     in_domain, out_of_domain = windows
+    inside, outside = gguf_perplexities(item.path, windows)  # one load of the model for both texts
     return {
         "size_mb": round(item.size_bytes / 2**20, 2),
-        "perplexity": round(gguf_perplexity(item.path, in_domain), 4),
-        "perplexity_out_of_domain": round(gguf_perplexity(item.path, out_of_domain), 4),
+        "perplexity": round(inside, 4),
+        "perplexity_out_of_domain": round(outside, 4),
         "eval_tokens": int(in_domain.numel()),
         "fallbacks": fallback_summary(item.fallbacks),
     }

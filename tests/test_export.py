@@ -182,6 +182,25 @@ def test_cli_exports_and_reports_the_fallbacks(pruned_dir, tmp_path):
     assert any(f["tensor"] == "blk.1.ffn_down.weight" and f["ncols"] == 90 for f in printed["fallbacks"])
 
 
+@needs_llama_cpp
+def test_llama_cpp_is_timed_side_by_side_as_transformers_is(llama_dir, pruned_dir, tmp_path):
+    """The speed stage's llama.cpp jobs run in the same side-by-side measurement (no timing asserted)."""
+    import math
+
+    from optipfair.evaluation.benchmarks import side_by_side, speed_inputs
+    from optipfair.export import gguf_work
+
+    files = [export_gguf(folder, {"F16": tmp_path / f"{index}.gguf"})["F16"].path
+             for index, folder in enumerate((llama_dir, pruned_dir))]
+    _, tokenizer = load_model(str(llama_dir), "cpu", "float32")
+    inputs = speed_inputs(tokenizer, "def f(x):", prefill_tokens=24)
+    with gguf_work(files[0], inputs, 3, threads=1) as base, gguf_work(files[1], inputs, 3, threads=1) as variant:
+        for kind in ("prefill", "generation"):
+            result = side_by_side(base[kind], variant[kind], rounds=2, cpu_time=True)
+            assert result.rounds == 2 and result.ratio > 0 and math.isfinite(result.spread)
+            assert result.base_seconds > 0 and result.variant_seconds > 0
+
+
 # --- without llama.cpp, or bad input -----------------------------------------------------------
 
 
