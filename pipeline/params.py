@@ -173,9 +173,10 @@ SPEED = {
 COMPUTE = {"device": (False, "auto"), "dtype": (False, "auto"), "save_dtype": (False, "auto"),
            "memory_budget_gib": (False, None)}
 # export: GGUF formats written and measured in llama.cpp for every model. Q4_K_M is what most llama.cpp users
-# run. Each format costs about a minute per model of SmolLM2-135M on 2 cores (perplexity on both texts: ~40 s,
-# llama-bench beside the base: ~25 s), so the default is that one; F16 (the reference: its perplexity equals
-# transformers' float32 figure, README) and Q8_0 are one word away.
+# run. Each format costs under a minute per model of SmolLM2-135M on 2 idle cores (perplexity on both texts:
+# ~40 s; base at a load average of 15: convert + quantize 52 s, perplexity 153 CPU-seconds), so the default is
+# that one; F16 (the reference: its perplexity equals transformers' float32 figure, README) and Q8_0 are one
+# word away. Speed is the speed stage's (SPEED), not export's.
 EXPORT = {"formats": (False, ["Q4_K_M"])}
 VARIANT_FIELDS = [f.name for f in fields(PruningOptions)]
 HEAL_FIELDS = [f.name for f in fields(HealOptions)]
