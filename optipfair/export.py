@@ -10,14 +10,13 @@ the library imports without llama.cpp: only these functions need it.
 
 Measurement: perplexity over given token windows through llama.cpp's Python bindings, so the
 windows are exactly those of the transformers evaluation (`llama-perplexity` tokenizes the text
-itself and scores only the second half of each window); prefill and generation tokens/s with
-`llama-bench`.
+itself and scores only the second half of each window). Speed: `gguf_work` gives the timed jobs
+that optipfair.evaluation.benchmarks.side_by_side alternates, as it does for transformers models.
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import math
 import os
 import re
@@ -25,9 +24,10 @@ import shutil
 import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 from optipfair.errors import OptiPFairError, OptionError
 
@@ -222,41 +222,71 @@ def _bindings():
     return llama_cpp
 
 
+def _load(path: str | Path, n_ctx: int, threads: Optional[int], logits_all: bool):
+    """The GGUF model at `path` in llama.cpp, one batch of up to `n_ctx` tokens, on `threads` threads."""
+    llama_cpp = _bindings()
+    threads = threads or _threads()
+    try:
+        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=logits_all,
+                               n_threads=threads, n_threads_batch=threads, verbose=False)
+    except ValueError as error:  # the bindings hide llama.cpp's log; llama-bench shows why
+        raise OptiPFairError(f"llama.cpp cannot load {path} ({error}); run llama-bench -m {path} to see why") from None
+
+
 def gguf_perplexity(path: str | Path, windows, threads: Optional[int] = None) -> float:
     """exp(mean next-token NLL) of the GGUF model at `path` over `windows` [n, seq_len], each an independent
     context, as optipfair.evaluation.perplexity computes it with transformers (positions 1 onwards are
     predicted), but with llama.cpp's own forward pass."""
+    return gguf_perplexities(path, [windows], threads)[0]
+
+
+def gguf_perplexities(path: str | Path, window_sets, threads: Optional[int] = None) -> List[float]:
+    """`gguf_perplexity` over each of `window_sets` (e.g. in-domain and out-of-domain windows of one length),
+    the model loaded once."""
     import torch
 
-    llama_cpp = _bindings()
-    windows = [list(map(int, window)) for window in windows.tolist()]
-    seq_len = len(windows[0])
+    sets = [[list(map(int, window)) for window in windows.tolist()] for windows in window_sets]
+    seq_len = len(sets[0][0])
+    model = _load(path, seq_len, threads, logits_all=True)
+    results = []
     try:
-        model = llama_cpp.Llama(model_path=str(path), n_ctx=seq_len, n_batch=seq_len, n_ubatch=seq_len, logits_all=True,
-                                n_threads=threads or _threads(), n_threads_batch=threads or _threads(), verbose=False)
-    except ValueError as error:  # the bindings hide llama.cpp's log; llama-bench shows why
-        raise OptiPFairError(f"llama.cpp cannot load {path} ({error}); run llama-bench -m {path} to see why") from None
-    total_nll, total_tokens = 0.0, 0
-    try:
-        for window in windows:
-            model.reset()
-            model.eval(window)
-            logits = torch.from_numpy(model.scores[: seq_len - 1])  # float32, as transformers' figure is computed
-            total_nll += torch.nn.functional.cross_entropy(logits, torch.tensor(window[1:]), reduction="sum").item()
-            total_tokens += seq_len - 1
+        for windows in sets:
+            total_nll, total_tokens = 0.0, 0
+            for window in windows:
+                model.reset()
+                model.eval(window)
+                logits = torch.from_numpy(model.scores[: seq_len - 1])  # float32, as transformers' figure is computed
+                total_nll += torch.nn.functional.cross_entropy(logits, torch.tensor(window[1:]), reduction="sum").item()
+                total_tokens += seq_len - 1
+            results.append(math.exp(total_nll / total_tokens))
     finally:
         model.close()
-    return math.exp(total_nll / total_tokens)
+    return results
 
 
-def gguf_speed(path: str | Path, prompt_tokens: int, new_tokens: int, threads: Optional[int] = None) -> Dict[str, float]:
-    """llama-bench's prefill (`prompt_tokens` at once) and generation (`new_tokens`) tokens/s, one run after its warm-up."""
-    command = [str(_tool("llama-bench")), "-m", str(path), "-p", str(prompt_tokens), "-n", str(new_tokens), "-r", "1",
-               "-t", str(threads or _threads()), "-o", "json"]
-    output = subprocess.run(command, capture_output=True, text=True, errors="replace")
-    if output.returncode != 0:
-        raise OptiPFairError(f"llama-bench on {path} failed: {_reason(output.stdout + output.stderr)}")
-    speeds = {}
-    for record in json.loads(output.stdout):
-        speeds["prefill" if record["n_gen"] == 0 else "generation"] = float(record["avg_ts"])
-    return speeds
+@contextmanager
+def gguf_work(path: str | Path, inputs: Dict[str, List[int]], new_tokens: int,
+              threads: Optional[int] = None) -> Iterator[Dict[str, Callable[[], object]]]:
+    """The GGUF model at `path` loaded once in llama.cpp, and one run of each timed job on it, as
+    optipfair.evaluation.benchmarks.side_by_side takes them (the same jobs as `transformers_work`):
+    `prefill` (inputs["prefill"] in one batch) and `generation` (inputs["prompt"], then `new_tokens`
+    single-token decoding steps, what llama.cpp's generation does per token, less sampling).
+    `inputs` comes from benchmarks.speed_inputs; the model is freed on leaving the block."""
+    prefill, prompt = inputs["prefill"], inputs["prompt"]
+    continuation = (prefill * (new_tokens // len(prefill) + 1))[:new_tokens]  # which ids does not change the work
+    model = _load(path, max(len(prefill), len(prompt) + new_tokens), threads, logits_all=False)
+
+    def run_prefill():
+        model.reset()
+        model.eval(prefill)
+
+    def run_generation():
+        model.reset()
+        model.eval(prompt)
+        for token in continuation:
+            model.eval([token])
+
+    try:
+        yield {"prefill": run_prefill, "generation": run_generation}
+    finally:
+        model.close()

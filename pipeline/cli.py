@@ -18,8 +18,8 @@ from pipeline.params import BASE_NAME, HEALED_SUFFIX, Params, healed_name, load_
 app = typer.Typer(
     name="optipfair-pipeline",
     help=(
-        "Stages of the optipfair pruning pipeline: download -> analyze -> prune (-> heal) -> evaluate (+ export) -> report "
-        "-> track. "
+        "Stages of the optipfair pruning pipeline: download -> analyze -> prune (-> heal) -> evaluate (+ export) "
+        "(-> speed) -> report -> track. "
         "`dvc repro` runs them all and only what changed; each command here runs one stage by hand."
     ),
     no_args_is_help=True,
@@ -130,26 +130,15 @@ def heal(
 def evaluate(
     variant: str = typer.Option(
         ..., "--variant", "-v",
-        help=f"`{BASE_NAME}`, the name of a variant or `<variant>{HEALED_SUFFIX}` (timed side by side with "
-        f"models/{BASE_NAME}).",
+        help=f"`{BASE_NAME}`, the name of a variant or `<variant>{HEALED_SUFFIX}`.",
     ),
     params: Path = PARAMS_OPTION,
 ) -> None:
-    """Measure perplexity, size and speed of one model into reports/metrics/<variant>.json."""
+    """Measure perplexity, size and downstream tasks of one model into reports/metrics/<variant>.json."""
     from pipeline import evaluate as stage
 
     metrics = _run(lambda p: stage.run(p, variant), params)
-    if "speed_skipped" in metrics:
-        speed = "speed not measured (out of core)"
-    elif variant == BASE_NAME:
-        speed = (f"prefill {metrics['prefill_tokens_per_s']:.0f} tok/s, "
-                 f"generation {metrics['generation_tokens_per_s']:.1f} tok/s")
-    else:
-        speed = (f"prefill x{metrics['prefill_speedup']:.2f}, generation x{metrics['generation_speedup']:.2f} "
-                 f"the base model's speed (timed side by side)")
-    typer.echo(
-        f"{variant}: perplexity {metrics['perplexity']:.2f}, {metrics['parameters'] / 1e6:.1f}M parameters, {speed}"
-    )
+    typer.echo(f"{variant}: perplexity {metrics['perplexity']:.2f}, {metrics['parameters'] / 1e6:.1f}M parameters")
 
 
 @app.command()
@@ -160,17 +149,37 @@ def export(
     params: Path = PARAMS_OPTION,
 ) -> None:
     """Write one model as GGUF in each of `export.formats` (llama.cpp's converter and quantizer) and measure
-    each in llama.cpp, into models/gguf/<variant>/ and reports/gguf/<variant>.json."""
+    each one's perplexity in llama.cpp, into models/gguf/<variant>/ and reports/gguf/<variant>.json."""
     from pipeline import export as stage
 
     record = _run(lambda p: stage.run(p, variant), params)
     if "skipped" in record:
         typer.echo(f"{variant}: not exported: {record['skipped']}")
     for fmt, figures in record["formats"].items():
-        speed = (f", prefill x{figures['prefill_speedup']:.2f}, generation x{figures['generation_speedup']:.2f}"
-                 if "prefill_speedup" in figures else
-                 f", prefill {figures['prefill_tokens_per_s']:.0f} tok/s, generation {figures['generation_tokens_per_s']:.1f} tok/s")
-        typer.echo(f"{variant} {fmt}: {figures['size_mb']:.1f} MB, perplexity {figures['perplexity']:.2f}{speed}")
+        typer.echo(f"{variant} {fmt}: {figures['size_mb']:.1f} MB, perplexity {figures['perplexity']:.2f}")
+
+
+@app.command()
+def speed(
+    variant: str = typer.Option(
+        ..., "--variant", "-v", help=f"The name of a variant or `<variant>{HEALED_SUFFIX}`, timed beside models/{BASE_NAME}."
+    ),
+    again: bool = typer.Option(False, "--again", help="Measure even when this machine has a record for the same "
+                                                      "models and settings."),
+    params: Path = PARAMS_OPTION,
+) -> None:
+    """Time one model side by side with models/base on this machine, in transformers and in llama.cpp (each of
+    `export.formats`), into reports/speed/<variant>.json and reports/speed.md (git-ignored, logged to MLflow)."""
+    from pipeline import speed as stage
+
+    checked, record = _run(lambda p: (p, stage.run(p, variant, again=again)), params)
+    limit = checked.speed["max_spread"]
+    for engine, figures in record["engines"].items():
+        if "skipped" in figures:
+            typer.echo(f"{variant} {engine}: not timed: {figures['skipped']}")
+        else:
+            typer.echo(f"{variant} {engine}: prefill {stage.ratio_cell(figures['prefill'], limit)}, "
+                       f"generation {stage.ratio_cell(figures['generation'], limit)} the base model's speed")
 
 
 @app.command()

@@ -3,10 +3,9 @@ measured in llama.cpp, into models/gguf/<name>/ and reports/gguf/<name>.json.
 
 The files are written by llama.cpp's own converter and quantizer (optipfair.export). Each is then
 measured as the evaluate stage measures the safetensors model: perplexity on the same windows of the
-same two texts (token ids fed to llama.cpp, so no second tokenizer or windowing gets in between),
-and prefill (one window) and generation (`evaluate.max_new_tokens`) tokens/s from llama-bench. A
-variant's speed is timed side by side with the base model's GGUF of the same format, alternating
-runs, so that a busy machine slows both alike; its metrics hold the ratios.
+same two texts (token ids fed to llama.cpp, so no second tokenizer or windowing gets in between).
+Speed is not measured here: it is the machine's, not the file's, and the speed stage measures it
+(pipeline/speed.py) outside the tracked outputs.
 
 A model llama.cpp's converter cannot convert (an architecture or a tokenizer it does not know) is
 recorded as skipped with the converter's reason: the other models are still exported.
@@ -14,17 +13,15 @@ recorded as skipped with the converter's reason: the other models are still expo
 
 from __future__ import annotations
 
-import statistics
 import sys
 import time
-from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from optipfair.data import token_windows
-from optipfair.export import UnsupportedModel, export_gguf, gguf_perplexity, gguf_speed
+from optipfair.export import UnsupportedModel, export_gguf, gguf_perplexities
 from optipfair.io import load_tokenizer
 from pipeline import layout
-from pipeline.params import BASE_NAME, Params
+from pipeline.params import Params
 from pipeline.texts import load_out_of_domain_text, load_texts
 
 
@@ -38,6 +35,7 @@ def run(params: Params, name: str) -> dict:
     record = {"formats": {}}
     try:
         exported = export_gguf(layout.model_dir(name), targets)
+        print(f"export {name}: converted and quantized in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     except UnsupportedModel as error:
         print(f"export {name}: skipped: {error}", file=sys.stderr)
         exported, record["skipped"] = {}, str(error)
@@ -50,7 +48,9 @@ def run(params: Params, name: str) -> dict:
     if exported:
         windows = _windows(params, name)
         for fmt, item in exported.items():
-            record["formats"][fmt] = _measure(params, name, fmt, item, windows)
+            measuring = time.perf_counter()
+            record["formats"][fmt] = _measure(item, windows)
+            print(f"export {name}: {fmt} perplexity in {time.perf_counter() - measuring:.1f} s", file=sys.stderr)
     layout.write_json_atomic(layout.gguf_metrics_file(name), record)
     print(f"export {name}: {', '.join(exported) or 'nothing'} in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return record
@@ -65,35 +65,16 @@ def _windows(params: Params, name: str):
             token_windows(tokenizer, load_out_of_domain_text(settings), settings["num_tokens"], settings["seq_len"]))
 
 
-def _measure(params: Params, name: str, fmt: str, item, windows) -> dict:
+def _measure(item, windows) -> dict:
     in_domain, out_of_domain = windows
-    metrics = {
+    inside, outside = gguf_perplexities(item.path, windows)  # one load of the model for both texts
+    return {
         "size_mb": round(item.size_bytes / 2**20, 2),
-        "perplexity": round(gguf_perplexity(item.path, in_domain), 4),
-        "perplexity_out_of_domain": round(gguf_perplexity(item.path, out_of_domain), 4),
+        "perplexity": round(inside, 4),
+        "perplexity_out_of_domain": round(outside, 4),
         "eval_tokens": int(in_domain.numel()),
         "fallbacks": fallback_summary(item.fallbacks),
     }
-    base_file = layout.gguf_file(BASE_NAME, fmt)
-    metrics.update(_speed(params, item.path, None if name == BASE_NAME or not base_file.is_file() else base_file))
-    return metrics
-
-
-def _speed(params: Params, path: Path, base: Optional[Path]) -> Dict[str, float]:
-    """Tokens/s of `path`; beside `base` (alternating, the order flipping every round) also the speedups,
-    each the median over rounds of variant tokens/s / base tokens/s."""
-    settings = params.evaluate
-    rounds, prompt, new = settings["num_runs"], settings["seq_len"], settings["max_new_tokens"]
-    runs = {path: [], **({base: []} if base else {})}
-    for round_ in range(rounds):
-        for model in list(runs) if round_ % 2 == 0 else reversed(list(runs)):
-            runs[model].append(gguf_speed(model, prompt, new))
-    speed = {}
-    for key, digits in (("prefill", 1), ("generation", 2)):
-        speed[f"{key}_tokens_per_s"] = round(statistics.median(run[key] for run in runs[path]), digits)
-        if base:
-            speed[f"{key}_speedup"] = round(statistics.median(v[key] / b[key] for v, b in zip(runs[path], runs[base])), 4)
-    return speed
 
 
 def fallback_summary(fallbacks: List[dict]) -> List[dict]:

@@ -24,12 +24,15 @@ HEAL = REPORTS / "heal"
 # Drawn by the report stage, logged as artifacts by the track stage.
 PLOT_FILES = {
     "perplexity": PLOTS / "perplexity_vs_parameters.png",
-    "speed": PLOTS / "speed_vs_parameters.png",
     "tasks": PLOTS / "tasks_vs_parameters.png",
 }
 # Written by export@<model>: its GGUF files (models/gguf/<name>/) and their llama.cpp figures.
 GGUF = MODELS / "gguf"
 GGUF_METRICS = REPORTS / "gguf"
+# Written by speed@<model>: how fast it runs on this machine beside the base model, and the table of all of
+# them. Git-ignored and no DVC output: speed is the machine's, not a function of the pipeline's inputs.
+SPEED = REPORTS / "speed"
+SPEED_TABLE = REPORTS / "speed.md"
 # The method comparison measured by benchmarks/quality.py (too slow for a stage), linked from the report.
 QUALITY_BENCHMARK = Path("benchmarks/results/quality.md")
 # Written inside models/base by the download stage: where the base model came from.
@@ -63,6 +66,11 @@ def gguf_metrics_file(name: str) -> Path:
     return GGUF_METRICS / f"{name}.json"
 
 
+def speed_file(name: str) -> Path:
+    """Model `name`'s speed beside the base model on this machine, per engine (pipeline/speed.py)."""
+    return SPEED / f"{name}.json"
+
+
 def heal_file(variant: str) -> Path:
     """The healing record (loss curve, steps, tokens, seconds, options) of `variant`'s healed model."""
     return HEAL / f"{variant}.json"
@@ -86,11 +94,11 @@ def read_json(path: Path) -> Any:
 def leftovers(model_names: Iterable[str]) -> List[Path]:
     """What the pipeline built for models params.yaml no longer names (`model_names`: the ones it does).
 
-    Their metrics files and healing records, and their model directories: only those DVC built
+    Their metrics files, speed records and healing records, and their model directories: only those DVC built
     (listed in models/.gitignore), never a folder a user put in models/ themselves.
     """
     names = set(model_names)
-    found = [path for folder in (METRICS, HEAL) if folder.is_dir() for path in sorted(folder.glob("*.json"))
+    found = [path for folder in (METRICS, SPEED, HEAL) if folder.is_dir() for path in sorted(folder.glob("*.json"))
              if _model_of(path, folder) not in names]
     return found + [model_dir(name) for name in _built_models() if name not in names and model_dir(name).is_dir()]
 

@@ -81,6 +81,8 @@ class Params:
     compute: Dict[str, Any]  # device, dtype, memory_budget_gib
     # formats: the GGUF formats every model is exported to (optipfair.export); [] exports nothing.
     export: Dict[str, Any] = field(default_factory=lambda: {"formats": []})
+    # how speed is timed (pipeline/speed.py): SPEED's fields
+    speed: Dict[str, Any] = field(default_factory=lambda: {key: default for key, (_, default) in SPEED.items()})
 
     def variant(self, name: str) -> Variant:
         """The variant called `name`, or a ParamsError listing the ones that exist."""
@@ -148,24 +150,33 @@ CALIBRATION = {"num_tokens": (False, PIPELINE_CALIBRATION_TOKENS), "seq_len": (F
 EVALUATE = {
     "num_tokens": (False, 4096),
     "seq_len": (False, 512),
-    "prompt": (False, "Explain what a Python decorator does, with an example."),
-    "max_new_tokens": (False, 32),
-    "num_runs": (False, 3),
-    "warmup_runs": (False, 1),
     # A text of another kind than the calibration text; None: the legal English shipped with the pipeline.
     "out_of_domain_file": (False, None),
     # lm-eval tasks (optipfair.tasks.TaskOptions): names, task YAML paths, or {task, limit, num_fewshot, metric}.
     "tasks": (False, []),
 }
 TRACKING = {"experiment": (False, "optipfair")}
+# speed: how each variant's speed is timed beside the base model (optipfair.evaluation.benchmarks.side_by_side),
+# in transformers and in llama.cpp. Short runs, many rounds, one thread: with one CPU-bound process beside it,
+# the ratios stay within 10 % of their idle values (benchmarks/results/speed_robustness.md), while two threads
+# on 2 busy cores took 4-6x longer per run and varied 3x between runs (OpenMP threads wait for a descheduled one).
+SPEED = {
+    "prompt": (False, "Explain what a Python decorator does, with an example."),
+    "prefill_tokens": (False, 64),
+    "new_tokens": (False, 8),
+    "rounds": (False, 8),
+    "threads": (False, 1),
+    "max_spread": (False, 0.05),
+}
 # Where prune and evaluate run a model (see params.yaml). None: 80 % of the memory available when the stage starts.
 # save_dtype: what variants and healed models are written in; auto: the base checkpoint's own dtype.
 COMPUTE = {"device": (False, "auto"), "dtype": (False, "auto"), "save_dtype": (False, "auto"),
            "memory_budget_gib": (False, None)}
 # export: GGUF formats written and measured in llama.cpp for every model. Q4_K_M is what most llama.cpp users
-# run. Each format costs about a minute per model of SmolLM2-135M on 2 cores (perplexity on both texts: ~40 s,
-# llama-bench beside the base: ~25 s), so the default is that one; F16 (the reference: its perplexity equals
-# transformers' float32 figure, README) and Q8_0 are one word away.
+# run. Each format costs under a minute per model of SmolLM2-135M on 2 idle cores (perplexity on both texts:
+# ~40 s; base at a load average of 15: convert + quantize 52 s, perplexity 153 CPU-seconds), so the default is
+# that one; F16 (the reference: its perplexity equals transformers' float32 figure, README) and Q8_0 are one
+# word away. Speed is the speed stage's (SPEED), not export's.
 EXPORT = {"formats": (False, ["Q4_K_M"])}
 VARIANT_FIELDS = [f.name for f in fields(PruningOptions)]
 HEAL_FIELDS = [f.name for f in fields(HealOptions)]
@@ -208,11 +219,12 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if not isinstance(raw, dict):
         raise ParamsError(f"{path} must be a mapping of sections (base, data, calibration, evaluate, variants)")
     where = str(path)
-    unknown = set(raw) - {"base", "data", "calibration", "evaluate", "compute", "tracking", "variants", "heal", "export"}
+    unknown = set(raw) - {"base", "data", "calibration", "evaluate", "compute", "tracking", "variants", "heal", "export",
+                          "speed"}
     if unknown:
         raise ParamsError(
             f"{where}: unknown section {sorted(unknown)[0]!r}; sections are base, data, calibration, "
-            "evaluate, compute, tracking, variants, heal, export"
+            "evaluate, compute, tracking, variants, heal, export, speed"
         )
     base = _sourced_section(raw, "base", BASE_SOURCES, where)
     data = _sourced_section(raw, "data", DATA_SOURCES, where, default_source="default")
@@ -225,19 +237,16 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     _check_data(data, where)
     _check_windows(calibration, "calibration", where)
     _check_windows(evaluate, "evaluate", where)
-    if not isinstance(evaluate["prompt"], str) or not evaluate["prompt"].strip():
-        raise _fail(where, "evaluate.prompt", f"must be a non-empty text, got {evaluate['prompt']!r}")
-    for field in ("max_new_tokens", "num_runs"):
-        _positive_int(evaluate[field], f"evaluate.{field}", where)
-    _positive_int(evaluate["warmup_runs"], "evaluate.warmup_runs", where, allow_zero=True)
     if evaluate["out_of_domain_file"] is not None:
         _check_text_file(evaluate["out_of_domain_file"], "evaluate.out_of_domain_file", where)
     _check_tasks(evaluate["tasks"], where)
     export = _plain_section(raw, "export", EXPORT, where)
     _check_export(export, where)
+    speed = _plain_section(raw, "speed", SPEED, where)
+    _check_speed(speed, where)
     variants = _variants(raw.get("variants"), where)
     heal = _heal(raw, variants, where)
-    return Params(path, base, data, calibration, evaluate, tracking, variants, heal, compute, export)
+    return Params(path, base, data, calibration, evaluate, tracking, variants, heal, compute, export, speed)
 
 
 def _check_compute(compute: Dict[str, Any], where: str) -> None:
@@ -274,6 +283,16 @@ def _check_export(export: Dict[str, Any], where: str) -> None:
             raise _fail(where, f"export.formats[{index}]", error.problem) from None
         if formats.index(name) != index:
             raise _fail(where, f"export.formats[{index}]", f"{name} is given twice; list each format once")
+
+
+def _check_speed(speed: Dict[str, Any], where: str) -> None:
+    if not isinstance(speed["prompt"], str) or not speed["prompt"].strip():
+        raise _fail(where, "speed.prompt", f"must be a non-empty text, got {speed['prompt']!r}")
+    for field in ("prefill_tokens", "new_tokens", "rounds", "threads"):
+        _positive_int(speed[field], f"speed.{field}", where)
+    spread = speed["max_spread"]
+    if isinstance(spread, bool) or not isinstance(spread, (int, float)) or not spread > 0:
+        raise _fail(where, "speed.max_spread", f"must be a positive fraction, e.g. 0.05 for +-5 %, got {spread!r}")
 
 
 def task_options(evaluate: Dict[str, Any]) -> list:

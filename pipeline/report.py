@@ -1,4 +1,6 @@
-"""report stage: tables (reports/summary.md) and three plots comparing the base model and every variant."""
+"""report stage: tables (reports/summary.md) and two plots comparing the base model and every variant.
+
+Quality and size only: speed is the machine's, and the speed stage writes it to git-ignored reports/speed.md."""
 
 from __future__ import annotations
 
@@ -20,6 +22,12 @@ def run(params: Params) -> str:
     layout.write_text_atomic(layout.SUMMARY, table)
     _plots(rows)
     return table
+
+
+# Speed is the machine's, not the models': this tracked report carries none (a fresh clone would rewrite it).
+SPEED_NOTE = (f"Speed: [{layout.SPEED_TABLE.name}]({layout.SPEED_TABLE.name}), written by the speed stage on the machine "
+              "that ran `dvc repro` (git-ignored, and logged to MLflow): each variant timed side by side with the base "
+              "model, in transformers and in llama.cpp, with the spread of each ratio.")
 
 
 def _setting(params: Params, name: str) -> str:
@@ -44,8 +52,8 @@ def summary_markdown(params: Params, rows: Dict[str, dict], analysis: dict) -> s
         "",
         "| model | pruning | parameters (M) | reduction: total / non-embedding / MLP | MLP width | expansion "
         "| size (MB) "
-        "| perplexity | out-of-domain perplexity | prefill tok/s | generation tok/s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| perplexity | out-of-domain perplexity |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, m in rows.items():
         ratio = (lambda key: "") if name == BASE_NAME else (lambda key: f" (×{m[key]:.2f})")
@@ -53,9 +61,7 @@ def summary_markdown(params: Params, rows: Dict[str, dict], analysis: dict) -> s
             f"| {name} | {_setting(params, name)} | {m['parameters'] / 1e6:.1f} | {_reduction(name, m)} "
             f"| {m['mlp_intermediate_size']} | {m['expansion_rate']:.0f}% | {m['size_mb']:.0f} "
             f"| {m['perplexity']:.2f}{ratio('perplexity_ratio')} "
-            f"| {m['perplexity_out_of_domain']:.2f}{ratio('perplexity_out_of_domain_ratio')} "
-            f"| {_speed(m, 'prefill', '.0f', ratio)} "
-            f"| {_speed(m, 'generation', '.1f', ratio)} |"
+            f"| {m['perplexity_out_of_domain']:.2f}{ratio('perplexity_out_of_domain_ratio')} |"
         )
     lines += ["", _embedding_note(analysis), *healing_markdown(params, rows)]
     base = rows[BASE_NAME]
@@ -63,9 +69,9 @@ def summary_markdown(params: Params, rows: Dict[str, dict], analysis: dict) -> s
         "",
         f"Perplexity on {base['eval_tokens']} tokens of evaluation text and on {base['out_of_domain_eval_tokens']} "
         f"tokens of {out_of_domain_label(params.evaluate)}, a text unlike the calibration text; ratios (×) "
-        "relative to the base model. Speed ratios are measured side by side: each variant and the base model "
-        f"timed alternately in one process, median of {params.evaluate['num_runs']} rounds; the tokens/s beside "
-        "them are this machine's at the time of each measurement, context only.",
+        "relative to the base model.",
+        "",
+        SPEED_NOTE,
         "",
         f"Pruning methods compared on more text, with the reference implementation: "
         f"[{layout.QUALITY_BENCHMARK}]({Path(os.path.relpath(layout.QUALITY_BENCHMARK, layout.SUMMARY.parent)).as_posix()}) "
@@ -92,13 +98,6 @@ def _embedding_note(analysis: dict) -> str:
     return (f"The base model's embedding holds {held}: {share:.0f}% of its {p['total'] / 1e6:.1f}M parameters, "
             "which pruning leaves whole. The reduction is given of the total, of the non-embedding parameters "
             "and of the MLP parameters (the MLP cut itself).")
-
-
-def _speed(m: dict, key: str, digits: str, ratio) -> str:
-    """Tokens/s with the side-by-side ratio, or why speed was not measured (out of core)."""
-    if f"{key}_tokens_per_s" not in m:
-        return "skipped (out of core)"
-    return f"{m[f'{key}_tokens_per_s']:{digits}}{ratio(f'{key}_speedup')}"
 
 
 def _task_names(rows: Dict[str, dict]) -> List[str]:
@@ -191,20 +190,6 @@ def _plots(rows: Dict[str, dict]) -> None:
     _save(figure, layout.PLOT_FILES["perplexity"])
 
     figure, axis = plt.subplots(figsize=(6, 4))
-    for key, label in (("prefill_speedup", "prompt processing"), ("generation_speedup", "generation")):
-        timed = [n for n in names if "speed_skipped" not in rows[n]]  # out of core: not timed
-        speedups = [rows[n].get(key, 1.0) for n in timed]  # the base model is 1 by definition
-        xs = [rows[n]["parameters"] / 1e6 for n in timed]
-        axis.scatter(xs, speedups, label=label)
-        for name, x, y in zip(timed, xs, speedups):
-            axis.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    axis.axhline(1.0, color="grey", linewidth=0.8)
-    axis.set(xlabel="parameters (millions)", ylabel="speed relative to base (side by side)",
-             title="Speed vs parameters")
-    axis.legend()
-    _save(figure, layout.PLOT_FILES["speed"])
-
-    figure, axis = plt.subplots(figsize=(6, 4))
     tasks = _task_names(rows)
     for task in tasks:
         scored = [n for n in names if "value" in rows[n].get("tasks", {}).get(task, {})]
@@ -242,8 +227,8 @@ def gguf_markdown(params: Params) -> str:
         return ""
     lines = [
         "", "## GGUF in llama.cpp", "",
-        "| model | format | size (MB) | perplexity | out-of-domain perplexity | prefill tok/s | generation tok/s |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| model | format | size (MB) | perplexity | out-of-domain perplexity |",
+        "|---|---|---:|---:|---:|",
     ]
     fallbacks, skipped = [], []
     for name in names:
@@ -254,17 +239,15 @@ def gguf_markdown(params: Params) -> str:
             ratio = (lambda key: "" if f"gguf.{fmt}.{key}" not in flat else f" (×{flat[f'gguf.{fmt}.{key}']:.2f})")
             lines.append(
                 f"| {name} | {fmt} | {m['size_mb']:.0f} | {m['perplexity']:.2f}{ratio('perplexity_ratio')} "
-                f"| {m['perplexity_out_of_domain']:.2f}{ratio('perplexity_out_of_domain_ratio')} "
-                f"| {m['prefill_tokens_per_s']:.0f}{ratio('prefill_speedup')} "
-                f"| {m['generation_tokens_per_s']:.1f}{ratio('generation_speedup')} |"
+                f"| {m['perplexity_out_of_domain']:.2f}{ratio('perplexity_out_of_domain_ratio')} |"
             )
             fallbacks += [f"- {name} {fmt}: {g['count']} × {g['tensor']} ({g['ncols']} columns): {g['type']} → "
                           f"{g['fallback']}" for g in m["fallbacks"]]
     lines += [
         "",
         "Written by llama.cpp's own converter and quantizer, measured in llama.cpp on the same windows as the "
-        "table above; ratios (×) relative to the base model in the same format, speed timed side by side with it "
-        f"(llama-bench, median of {params.evaluate['num_runs']} alternating rounds).",
+        "table above; ratios (×) relative to the base model in the same format. Speed in llama.cpp: "
+        f"[{layout.SPEED_TABLE.name}]({layout.SPEED_TABLE.name}), as above.",
     ]
     if fallbacks:
         lines += ["", "Tensors llama.cpp stored in another type than the format's, because their rows are not a "

@@ -3,9 +3,10 @@
 Shared by the report and track stages (not a stage itself). The evaluate stage writes what it
 measures and nothing derived from another model's file, so a variant's metrics never wait on the
 base model's; the ratios of perplexity, parameters and size are computed here, once. Speed ratios
-are the exception: they are measured side by side (base and variant timed alternately in one
-process by `evaluate@<variant>`), because two speeds taken in separate processes at different
-moments compare the machine's load as much as the models. What share of the base model's
+are the exception: they are measured side by side by the speed stage (base and variant timed
+alternately in one process), because two speeds taken in separate processes at different moments
+compare the machine's load as much as the models; they are read here for MLflow only (`speed_metrics`),
+never for the tracked report. What share of the base model's
 parameters a variant removed outside the embedding and in the MLPs is derived here too, from the
 base model's reports/analysis.json.
 """
@@ -136,4 +137,18 @@ def gguf_metrics(name: str) -> Dict[str, float]:
         if name != BASE_NAME and fmt in base:
             for metric in ("perplexity", "perplexity_out_of_domain"):
                 flat[f"gguf.{fmt}.{metric}_ratio"] = round(figures[metric] / base[fmt][metric], 4)
+    return flat
+
+
+def speed_metrics(name: str) -> Dict[str, float]:
+    """Model `name`'s speed on this machine (reports/speed/<name>.json, git-ignored) as flat numbers for MLflow,
+    `speed.<engine>.<prefill|generation>.<figure>`; {} when the speed stage has not measured it."""
+    path = layout.speed_file(name)
+    if not path.is_file():
+        return {}
+    flat = {}
+    for engine, figures in layout.read_json(path)["engines"].items():
+        for kind, values in figures.items():
+            if isinstance(values, dict):
+                flat.update({f"speed.{engine}.{kind}.{key}": value for key, value in values.items()})
     return flat

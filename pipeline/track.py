@@ -14,6 +14,10 @@ point only for a value that changed, and the ledger it writes (reports/mlflow_ru
 each model in *this* store, git-ignored and not a DVC output, since another clone has another store)
 holds no per-sync state, so an unchanged pipeline leaves it byte for byte as it was.
 
+Speed is logged from the speed stage's git-ignored records (reports/speed/<model>.json, metrics
+`speed.<engine>.<prefill|generation>.<speedup|spread|tokens_per_s|base_tokens_per_s>`) when they exist:
+it is this machine's, so it lives in the MLflow store of this machine and in no tracked file.
+
 Each model is also an MLflow *logged model* (the experiment's Models tab), linked to its run and
 holding the same metrics, so the UI compares variants as models. It is an external model: MLflow
 stores no weights, only where they are (tag `optipfair.model_path`, models/<name> in this project)
@@ -45,7 +49,7 @@ from optipfair.errors import OptiPFairError
 from pipeline import layout
 from pipeline.params import BASE_NAME, Params, healed_from
 from pipeline.layout import PLOT_FILES
-from pipeline.results import collect, gguf_metrics, task_metrics, with_ratios
+from pipeline.results import collect, gguf_metrics, speed_metrics, task_metrics, with_ratios
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 KEY_TAG = "optipfair.run_key"
@@ -205,6 +209,8 @@ def _sync(params: Params, all_metrics: Dict[str, dict], uri: str) -> Dict[str, d
         artifacts = [metrics_path, *shared_artifacts]
         if layout.gguf_metrics_file(model).is_file():
             artifacts.append(layout.gguf_metrics_file(model))  # the llama.cpp figures (export stage)
+        if layout.speed_file(model).is_file():
+            artifacts.append(layout.speed_file(model))  # this machine's speed (speed stage, git-ignored)
         heal_record = None
         if healed_from(model):
             artifacts.append(layout.heal_file(healed_from(model)))
@@ -213,7 +219,8 @@ def _sync(params: Params, all_metrics: Dict[str, dict], uri: str) -> Dict[str, d
         content_sha = hashlib.sha256(b"".join(hashlib.sha256(p.read_bytes()).digest() for p in artifacts)).hexdigest()
         key = run_key(params, model)
         found = client.search_runs([experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{key}'", max_results=1)
-        values = {k: float(v) for k, v in {**metrics, **task_metrics(metrics), **gguf_metrics(model)}.items()
+        values = {k: float(v) for k, v in {**metrics, **task_metrics(metrics), **gguf_metrics(model),
+                                                 **speed_metrics(model)}.items()
                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
         digest = dvc_hash(model)
         if heal_record:

@@ -262,13 +262,13 @@ HEAL = {"num_tokens": 512, "seq_len": 64, "batch_size": 2, "learning_rate": 0.00
 
 
 def tiny_pipeline_params(experiment: str, variants: dict, model_dir: Path, **sections) -> dict:
-    """params.yaml for a DVC project on a tiny local model: few tokens, one speed round, MLflow `experiment`."""
+    """params.yaml for a DVC project on a tiny local model: few tokens, one short speed round, MLflow `experiment`."""
     return {
         "base": {"source": "local", "path": str(model_dir)},
         "data": {"source": "default"},
         "calibration": {"num_tokens": 256, "seq_len": 64},
-        "evaluate": {"num_tokens": 256, "seq_len": 64, "prompt": "def f(x):", "max_new_tokens": 4, "num_runs": 1,
-                     "warmup_runs": 0},
+        "evaluate": {"num_tokens": 256, "seq_len": 64},
+        "speed": {"prefill_tokens": 16, "new_tokens": 2, "rounds": 1},
         "tracking": {"experiment": experiment},
         "variants": variants,
         **sections,
@@ -305,7 +305,7 @@ def new_dvc_project(root: Path, params: dict) -> Path:
     for file in ("dvc.yaml", ".dvcignore", "models/.gitignore"):
         (root / file).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / file, root / file)
-    (root / ".gitignore").write_text("*.db\nmlruns/\nmlartifacts/\n__pycache__/\n")
+    (root / ".gitignore").write_text("*.db\nmlruns/\nmlartifacts/\n__pycache__/\nreports/speed/\nreports/speed.md\n")
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for command in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.com"],
                     ["git", "config", "user.name", "t"], [str(BIN / "dvc"), "init", "-q"], ["git", "add", "-A"],

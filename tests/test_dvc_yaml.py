@@ -33,7 +33,7 @@ CLI = ROOT / "pipeline" / "cli.py"
 # stage is for (`variants.${key}`), `heal_options(name)` its heal block; `check_model(name)` reads the
 # entry that defines model `name`: `heal.${key}` in a stage for `${key}+healed`, else `variants.${key}`.
 # A stage with no `${key}` (evaluate_base) reads no per-variant entry.
-SECTIONS = {"base", "data", "calibration", "evaluate", "compute", "tracking", "variants", "heal", "export"}
+SECTIONS = {"base", "data", "calibration", "evaluate", "compute", "tracking", "variants", "heal", "export", "speed"}
 MODEL_ENTRY = "the entry of the stage's model"
 METHODS = {
     "variant": ("variants.${key}",),

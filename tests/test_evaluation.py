@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from optipfair.evaluation import compare_models_inference, perplexity, time_inference, time_prefill
+from optipfair.evaluation.benchmarks import relative_spread, side_by_side, speed_inputs, transformers_work
 from conftest import VOCAB_SIZE, make_tiny_model, parameter_count
 
 
@@ -98,3 +99,84 @@ def test_perplexity_through_the_chunked_head_is_the_whole_logits_figure(arch, ov
     assert perplexity(model, windows, batch_size=2) == pytest.approx(expected, rel=1e-6)
     # The head never sees more than 7 positions at once; every position is seen once.
     assert max(shape.numel() for shape in calls) == 7 and sum(shape.numel() for shape in calls) == 5 * 23
+
+
+# --- side by side: the speed ratio both engines are measured with ----------------------------------
+
+
+@pytest.fixture
+def fake_clock(monkeypatch):
+    """optipfair's timing clock as a counter that only the timed work advances: `advance(seconds)`."""
+    from types import SimpleNamespace
+
+    from optipfair.evaluation import benchmarks
+
+    now = [0.0]
+    monkeypatch.setattr(benchmarks, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    return lambda seconds: now.__setitem__(0, now[0] + seconds)
+
+
+def _machine(fake_clock, load):
+    """Base takes 2 s of work, the variant 1 s, each slowed by `load(run index)`; the runs are logged."""
+    runs = []
+
+    def work(name, seconds):
+        def run():
+            fake_clock(seconds * load(len(runs)))
+            runs.append(name)
+        return run
+
+    return work("base", 2.0), work("variant", 1.0), runs
+
+
+def test_side_by_side_runs_variant_base_base_variant_after_untimed_warmup(fake_clock):
+    base, variant, runs = _machine(fake_clock, lambda index: 1.0)
+    result = side_by_side(base, variant, rounds=3, warmup_rounds=1)
+    assert runs == ["base", "variant"] + ["variant", "base", "base", "variant"] * 3
+    assert (result.ratio, result.spread, result.base_seconds, result.variant_seconds, result.rounds) == (2.0, 0.0, 2.0,
+                                                                                                         1.0, 3)
+
+
+def test_side_by_side_cancels_a_load_that_grows_steadily_within_each_round(fake_clock):
+    # The machine slows by 10 % more at every run: timed in the order base, variant, the ratio would read 1.8x.
+    base, variant, _ = _machine(fake_clock, lambda index: 1 + 0.1 * index)
+    result = side_by_side(base, variant, rounds=5, warmup_rounds=0)
+    assert result.ratio == pytest.approx(2.0) and result.spread == pytest.approx(0.0, abs=1e-12)
+
+
+def test_a_burst_of_load_in_a_few_rounds_moves_neither_the_ratio_nor_its_spread(fake_clock):
+    # A CPU-bound process takes the core during one run of round 2 and two runs of round 6 (3x slower).
+    slowed = {1 * 4 + 1, 5 * 4 + 0, 5 * 4 + 3}
+    base, variant, _ = _machine(fake_clock, lambda index: 3.0 if index in slowed else 1.0)
+    result = side_by_side(base, variant, rounds=8, warmup_rounds=0)
+    assert result.ratio == 2.0 and result.spread == 0.0  # 6 of 8 rounds untouched: median and quartiles hold
+    assert result.variant_seconds == 1.0
+
+
+def test_the_spread_grows_with_rounds_that_disagree(fake_clock):
+    # Every other round the variant is slowed by half: ratios 2, 4/3, 2, 4/3, ...
+    base, variant, runs = _machine(fake_clock, lambda index: 1.5 if (index // 4) % 2 and index % 4 in (0, 3) else 1.0)
+    result = side_by_side(base, variant, rounds=4, warmup_rounds=0)
+    assert result.ratio == pytest.approx((2 + 4 / 3) / 2)
+    assert result.spread > 0.05  # flagged unsteady by the speed stage's default max_spread
+    assert relative_spread([1.0, 1.0, 1.0]) == 0.0 and relative_spread([2.0]) == 0.0
+
+
+def test_side_by_side_on_real_models_tells_the_one_with_more_work(tiny_tokenizer, work_clock):
+    fast, slow = make_tiny_model("llama"), _slow_model()
+    work_clock(fast, slow)  # one forward pass takes each model's parameter count in ticks: no race with the machine
+    ratio = parameter_count(slow) / parameter_count(fast)
+    inputs = speed_inputs(tiny_tokenizer, "def f(x):", prefill_tokens=24)
+    jobs = {model: transformers_work(model, tiny_tokenizer, inputs, new_tokens=3) for model in (fast, slow)}
+    for kind in ("prefill", "generation"):
+        result = side_by_side(jobs[slow][kind], jobs[fast][kind], rounds=3)
+        assert result.ratio == pytest.approx(ratio) and result.spread == pytest.approx(0.0)
+        # One forward pass per prefill; generation makes one per new token.
+        assert result.variant_seconds == parameter_count(fast) * (1 if kind == "prefill" else 3)
+
+
+def test_speed_inputs_fill_the_prefill_length_and_start_as_the_models_texts_start(tiny_tokenizer, bos_tokenizer):
+    plain = speed_inputs(tiny_tokenizer, "def f(x):", prefill_tokens=50)
+    assert len(plain["prefill"]) == 50 and plain["prefill"][:len(plain["prompt"])] == plain["prompt"]
+    with_bos = speed_inputs(bos_tokenizer, "def f(x):", prefill_tokens=50)
+    assert with_bos["prompt"][0] == bos_tokenizer.bos_token_id and plain["prompt"][0] != tiny_tokenizer.bos_token_id

@@ -49,7 +49,8 @@ def test_validate_removes_what_was_built_for_models_params_no_longer_names(tmp_p
         (tmp_path / "models" / name / "config.json").write_text("{}")
     (tmp_path / "models" / ".gitignore").write_text("/base\n/maw-20\n/auto-20\n/auto-35+healed\n/.*.tmp-*\n")
     for path in ("reports/metrics/base.json", "reports/metrics/maw-20.json", "reports/metrics/auto-20.json",
-                 "reports/metrics/auto-35+healed.json", "reports/heal/auto-35.json"):
+                 "reports/metrics/auto-35+healed.json", "reports/heal/auto-35.json", "reports/speed/maw-20.json",
+                 "reports/speed/auto-35.json"):
         layout.write_json_atomic(tmp_path / path, {})
     shutil.copytree(ROOT / "tasks", tmp_path / "tasks")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -63,5 +64,6 @@ def test_validate_removes_what_was_built_for_models_params_no_longer_names(tmp_p
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [".gitignore", "base", "maw-20", "mine"]
     assert sorted(p.name for p in (tmp_path / "reports" / "metrics").iterdir()) == ["base.json", "maw-20.json"]
     assert not (tmp_path / "reports" / "heal" / "auto-35.json").exists()
+    assert sorted(p.name for p in (tmp_path / "reports" / "speed").iterdir()) == ["maw-20.json"]
     assert (tmp_path / "models" / ".gitignore").read_text() == "/base\n/maw-20\n/.*.tmp-*\n"
     assert CliRunner().invoke(app, ["validate"]).output.count("removed") == 0  # nothing left to remove

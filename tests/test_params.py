@@ -171,7 +171,8 @@ BAD_PARAMS = [
     ("base.path", lambda p: p["base"].update(path="/nonexistent/model")),
     ("base.revision", lambda p: p.update(base={"source": "hf", "repo_id": "org/model", "revision": "main"})),
     ("base.source", lambda p: p["base"].update(source="ftp")),
-    ("evaluate.num_runs", lambda p: p["evaluate"].update(num_runs=0)),
+    ("speed.rounds", lambda p: p["speed"].update(rounds=0)),
+    ("speed.max_spread", lambda p: p["speed"].update(max_spread=-1)),
     ("evaluate.out_of_domain_file", lambda p: p["evaluate"].update(out_of_domain_file="/no/such/text.txt")),
     ("variants.maw-25.shrinkage", lambda p: p["variants"]["maw-25"].update(shrinkage=1.5)),
 ]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.results import healed_ratios, ratios, task_metrics, with_ratios
+from pipeline import layout
+from pipeline.results import healed_ratios, ratios, speed_metrics, task_metrics, with_ratios
 
 BASE = {"perplexity": 10.0, "perplexity_out_of_domain": 20.0, "parameters": 1000, "size_mb": 4.0,
         "tasks": {"arc": {"metric": "acc", "value": 0.5, "stderr": 0.02},
@@ -44,3 +45,15 @@ def test_a_healed_model_is_compared_with_the_variant_it_was_healed_from():
     assert table["base"]["parameter_reduction_pct"] == 0.0 and "perplexity_ratio" not in table["base"]
     assert table["cut-25+healed"]["perplexity_ratio"] == 1.1 and table["cut-25+healed"]["perplexity_vs_unhealed"]
     assert "perplexity_vs_unhealed" not in table["cut-25"]
+
+
+def test_speed_reaches_mlflow_as_flat_numbers_from_the_speed_stages_record(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert speed_metrics("cut-25") == {}  # not measured on this machine (yet)
+    figures = {"speedup": 1.3, "spread": 0.02, "tokens_per_s": 13.0, "base_tokens_per_s": 10.0}
+    layout.write_json_atomic(layout.speed_file("cut-25"), {"engines": {
+        "transformers": {"prefill": figures, "generation": {**figures, "speedup": 1.1}},
+        "gguf.Q4_K_M": {"skipped": "not exported"}}})
+    flat = speed_metrics("cut-25")
+    assert flat["speed.transformers.prefill.speedup"] == 1.3 and flat["speed.transformers.generation.speedup"] == 1.1
+    assert flat["speed.transformers.generation.spread"] == 0.02 and len(flat) == 8  # nothing from the skipped engine

@@ -194,8 +194,7 @@ def test_the_pipeline_runs_a_bf16_gemma3_with_bos_everywhere_and_saves_bf16_vari
         "base": {"source": "local", "path": str(tmp_path / "models" / "base")},
         "data": {"source": "default"},
         "calibration": {"num_tokens": 256, "seq_len": 64},
-        "evaluate": {"num_tokens": 256, "seq_len": 64, "prompt": "def f(x):", "max_new_tokens": 2, "num_runs": 1,
-                     "warmup_runs": 0, "tasks": [{"task": "tasks/everyday_cloze.yaml", "limit": 2}]},
+        "evaluate": {"num_tokens": 256, "seq_len": 64, "tasks": [{"task": "tasks/everyday_cloze.yaml", "limit": 2}]},
         "variants": {"auto-50": {"method": "AUTO", "pruning_percentage": 50}},
         "heal": {"auto-50": {"num_tokens": 128, "seq_len": 64}},
     }))

@@ -1,10 +1,12 @@
-"""Honest inference timing: warm-up, a monotonic clock, CUDA synchronised, greedy decoding."""
+"""Honest inference timing: warm-up, a monotonic clock, CUDA synchronised, greedy decoding; and the
+side-by-side speed ratio of two models that every engine (transformers, llama.cpp) is measured with."""
 
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Dict, List
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Dict, List
 
 import torch
 
@@ -157,3 +159,99 @@ def compare_models_inference(
         "num_prompts": len(prompts),
         "per_prompt": per_prompt,
     }
+
+
+@dataclass(frozen=True)
+class SpeedRatio:
+    """How much faster a variant runs than its base, timed side by side (`side_by_side`)."""
+
+    # Median over rounds of (base seconds / variant seconds): above 1, the variant is the faster one.
+    ratio: float
+    # Half the interquartile range of the per-round ratios, relative to `ratio`: the ratio is ratio x (1 +- spread)
+    # for the middle half of the rounds. A wide one says the machine's speed changed within rounds.
+    spread: float
+    base_seconds: float  # median time of one run of each model
+    variant_seconds: float
+    rounds: int
+
+    def as_dict(self) -> Dict[str, float]:
+        return asdict(self)
+
+
+def side_by_side(base: Callable[[], object], variant: Callable[[], object], rounds: int,
+                 warmup_rounds: int = 1, cpu_time: bool = False) -> SpeedRatio:
+    """Time `base()` and `variant()` (one run of the same work on each model) alternately, `rounds` times.
+
+    Each round runs variant, base, base, variant, and gives one ratio, (base + base) / (variant +
+    variant): the two models share the round's moment, and the mirrored order cancels a load that
+    grows or shrinks steadily across it. The result is the median of the rounds' ratios with their
+    spread, so a round hit by a burst of load (another process, a page fault storm) moves neither.
+    Short runs and many rounds make that work: a burst then spoils few rounds instead of a large
+    share of few long ones. `warmup_rounds` untimed runs of each model come first (caches, allocator).
+
+    `cpu_time`: time with this process's CPU time instead of the wall clock, for work that runs on the CPU
+    in this process. It counts the work the models did, not the time the scheduler gave to other processes:
+    on a machine that other jobs keep busy, the wall clock measures the queue as much as the model.
+    """
+    if rounds < 1:
+        raise ValueError("rounds must be at least 1")
+    for _ in range(warmup_rounds):
+        base()
+        variant()
+    base_times, variant_times, ratios = [], [], []
+    clock = time.process_time if cpu_time else time.perf_counter
+    for _ in range(rounds):
+        v1, b1, b2, v2 = (_time_once(work, clock) for work in (variant, base, base, variant))
+        base_times += [b1, b2]
+        variant_times += [v1, v2]
+        ratios.append((b1 + b2) / (v1 + v2))
+    median = statistics.median(ratios)
+    return SpeedRatio(ratio=median, spread=relative_spread(ratios), base_seconds=statistics.median(base_times),
+                      variant_seconds=statistics.median(variant_times), rounds=rounds)
+
+
+def relative_spread(values: List[float]) -> float:
+    """Half the interquartile range of `values`, relative to their median (0 for a single value)."""
+    if len(values) < 2:
+        return 0.0
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return (q3 - q1) / (2 * median)
+
+
+def _time_once(work: Callable[[], object], clock: Callable[[], float]) -> float:
+    start = clock()
+    work()
+    return clock() - start
+
+
+def speed_inputs(tokenizer, prompt: str, prefill_tokens: int) -> Dict[str, List[int]]:
+    """The token ids every engine is timed on: `prompt` (the generation prompt, BOS first where the
+    tokenizer adds one) and `prefill` (the prompt repeated to `prefill_tokens` tokens: the work of a
+    forward pass depends on the length, not on the words)."""
+    prompt_ids = window_start(tokenizer) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    repeats = -(-prefill_tokens // len(prompt_ids))
+    return {"prompt": prompt_ids, "prefill": (prompt_ids * repeats)[:prefill_tokens]}
+
+
+def transformers_work(model, tokenizer, inputs: Dict[str, List[int]], new_tokens: int) -> Dict[str, Callable[[], object]]:
+    """One run of each timed job on a transformers `model`, as `side_by_side` takes them: `prefill`
+    (one forward pass over inputs["prefill"], no KV cache kept) and `generation` (greedy decoding of
+    exactly `new_tokens` after inputs["prompt"], as `time_inference`)."""
+    device = _device(model)
+    prefill = torch.tensor([inputs["prefill"]], device=device)
+    prompt = torch.tensor([inputs["prompt"]], device=device)
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    settings = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                    do_sample=False, pad_token_id=pad_token_id)
+
+    @torch.no_grad()
+    def run_prefill():
+        model(input_ids=prefill, use_cache=False)
+        _sync(device)
+
+    @torch.no_grad()
+    def run_generation():
+        model.generate(prompt, **settings)
+        _sync(device)
+
+    return {"prefill": run_prefill, "generation": run_generation}
