@@ -7,7 +7,7 @@ with `--portable` (`optipfair.kernels.pin_cpu_kernels`), alternately; the table 
 hash and the wall time of the whole command.
 
     python -m benchmarks.cross_cpu                                   # models/base, 512 calibration tokens
-    python -m benchmarks.cross_cpu --calibration-tokens 2048 --save  # also writes benchmarks/results/cross_cpu.md
+    python -m benchmarks.cross_cpu --calibration-tokens 2048 --save  # also writes benchmarks/results/cross_cpu_prune.md
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--calibration-tokens", type=int, default=512)
     parser.add_argument("--pruning-percentage", type=float, default=35)
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
-    parser.add_argument("--save", action="store_true", help="also write benchmarks/results/cross_cpu.md")
+    parser.add_argument("--save", action="store_true", help="also write benchmarks/results/cross_cpu_prune.md")
     args = parser.parse_args()
     require_model(args.model)
     result = {"cpu": _cpu(), "model": shown(args.model), "tokens": args.calibration_tokens,
@@ -83,7 +83,7 @@ def main() -> None:
             result["rows"].append({"kind": name, "kernels": KINDS[name], "fast": runs[False], "portable": runs[True]})
     result.update(load_after=_load(), command=command("benchmarks.cross_cpu"))
     if args.save:
-        (RESULTS / "cross_cpu.md").write_text(markdown(result))
+        (RESULTS / "cross_cpu_prune.md").write_text(markdown(result))
     print(markdown(result))
 
 
