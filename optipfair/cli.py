@@ -159,8 +159,8 @@ def prune(
     as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON on stdout."),
 ) -> None:
     """Prune a model and save it (model + tokenizer) atomically to --output-path."""
-    if portable:
-        pin_cpu_kernels()
+    if portable and not pin_cpu_kernels():
+        _fail("--portable: this process already chose its CPU kernels; run optipfair in a process of its own")
     from optipfair.engine import place, prune_directory
     from optipfair.io import check_output_path, load_tokenizer
 
@@ -259,8 +259,8 @@ def heal(
 
     The healed model is saved in the pruned model's own dtype (trained in float32 whatever it is).
     """
-    if portable:
-        pin_cpu_kernels()
+    if portable and not pin_cpu_kernels():
+        _fail("--portable: this process already chose its CPU kernels; run optipfair in a process of its own")
     from optipfair.engine import saved_dtype
     from optipfair.healing import HealOptions, check_tokenizers
     from optipfair.healing import heal as heal_with

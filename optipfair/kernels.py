@@ -15,23 +15,27 @@ import os
 
 import torch
 
-from optipfair.errors import OptiPFairError
-
 # Read by ATen and by MKL once, at their first operation in the process.
 PINNED = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE"}
 
 
-def pin_cpu_kernels() -> None:
+def pin_cpu_kernels() -> bool:
     """Make this process's CPU arithmetic give the same bytes on every x86-64 CPU with AVX2.
 
-    Must run before the process's first tensor operation (both libraries choose their kernels once);
-    raises OptiPFairError when it comes too late. A CPU without AVX2 keeps ATen's baseline kernels
-    (its results then match other such CPUs only). On other CPUs (ARM) it changes nothing.
+    Both libraries choose their kernels once, at the process's first tensor operation: after it, this
+    changes nothing (not even the environment, which subprocesses inherit) and returns False. A CPU
+    without AVX2 keeps ATen's baseline kernels (its results then match other such CPUs only); on
+    other CPUs (ARM) nothing changes. Returns True otherwise.
     """
+    before = {name: os.environ.get(name) for name in PINNED}
     os.environ.update(PINNED)
     capability = torch.backends.cpu.get_cpu_capability()  # computed now, unless an operation already ran
     if capability != "AVX2" and torch.cpu._is_avx2_supported():
-        raise OptiPFairError(
-            f"CPU kernels already chosen ({capability}): pin_cpu_kernels must run before the first tensor "
-            "operation, or set ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=COMPATIBLE before starting Python"
-        )
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
+        return False
+    return True
+

@@ -100,7 +100,9 @@ def prune(
     params: Path = PARAMS_OPTION,
 ) -> None:
     """Build one pruned variant from models/base into models/<variant>."""
-    pin_cpu_kernels()  # dvc.lock holds the model's hash: the same on any x86 CPU (README, Reproducibility)
+    # dvc.lock holds the model's hash: the same on any x86 CPU (README, Reproducibility). It pins in a process of
+    # its own, as dvc runs the stage; called in a process that already computed, it changes nothing.
+    pin_cpu_kernels()
     from pipeline import prune as stage
 
     stats = _run(lambda p: stage.run(p, variant), params)
