@@ -22,6 +22,7 @@ from optipfair.healing import (
     TRAINABLE,
 )
 from optipfair.io import DTYPES
+from optipfair.kernels import pin_cpu_kernels
 from optipfair.pruning.options import (
     DEFAULT_CALIBRATION_SEQ_LEN,
     DEFAULT_CALIBRATION_TOKENS,
@@ -151,9 +152,15 @@ def prune(
     memory_budget: Optional[float] = typer.Option(
         None, "--memory-budget", help="GiB the in-memory path may use (default: 80% of the memory available now)."
     ),
+    portable: bool = typer.Option(
+        False, "--portable", help="The same bytes on any x86 CPU with AVX2 (Intel or AMD): pins PyTorch's and MKL's "
+        "CPU kernels; slower on CPU (see README, Reproducibility).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON on stdout."),
 ) -> None:
     """Prune a model and save it (model + tokenizer) atomically to --output-path."""
+    if portable and not pin_cpu_kernels():
+        _fail("--portable: this process already chose its CPU kernels; run optipfair in a process of its own")
     from optipfair.engine import place, prune_directory
     from optipfair.io import check_output_path, load_tokenizer
 
@@ -242,12 +249,18 @@ def heal(
     trust_remote_code: bool = typer.Option(
         False, "--trust-remote-code", help="Run the model repository's own code (only for sources you trust)."
     ),
+    portable: bool = typer.Option(
+        False, "--portable", help="The same bytes on any x86 CPU with AVX2 (Intel or AMD): pins PyTorch's and MKL's "
+        "CPU kernels; slower on CPU (see README, Reproducibility).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the result (with the loss of every step) as JSON."),
 ) -> None:
     """Heal a pruned model: train it to match its unpruned teacher, then save it atomically to --output-path.
 
     The healed model is saved in the pruned model's own dtype (trained in float32 whatever it is).
     """
+    if portable and not pin_cpu_kernels():
+        _fail("--portable: this process already chose its CPU kernels; run optipfair in a process of its own")
     from optipfair.engine import saved_dtype
     from optipfair.healing import HealOptions, check_tokenizers
     from optipfair.healing import heal as heal_with

@@ -12,6 +12,7 @@ from typing import Callable
 import typer
 
 from optipfair.errors import OptiPFairError
+from optipfair.kernels import pin_cpu_kernels
 from pipeline import layout
 from pipeline.params import BASE_NAME, HEALED_SUFFIX, Params, healed_name, load_params
 
@@ -99,6 +100,9 @@ def prune(
     params: Path = PARAMS_OPTION,
 ) -> None:
     """Build one pruned variant from models/base into models/<variant>."""
+    # dvc.lock holds the model's hash: the same on any x86 CPU (README, Reproducibility). It pins in a process of
+    # its own, as dvc runs the stage; called in a process that already computed, it changes nothing.
+    pin_cpu_kernels()
     from pipeline import prune as stage
 
     stats = _run(lambda p: stage.run(p, variant), params)
@@ -116,6 +120,7 @@ def heal(
     params: Path = PARAMS_OPTION,
 ) -> None:
     """Train models/<variant> to match models/base again, into models/<variant>+healed."""
+    pin_cpu_kernels()  # as prune: the healed model's hash is in dvc.lock
     from pipeline import heal as stage
 
     record = _run(lambda p: stage.run(p, variant), params)

@@ -36,6 +36,12 @@ from pipeline.compute import placement
 from pipeline.params import BASE_NAME, Params, task_options
 from pipeline.texts import load_out_of_domain_text, load_texts
 
+# Perplexities are tracked (reports/metrics, dvc.lock) to 2 decimals, a precision the float noise between
+# CPU kinds does not reach: auto-35, the same bytes, read 16.21941 / 38.34808 with ATen's AVX-512 kernels
+# and 16.21925 / 38.34773 with its AVX2 ones (1e-5 relative; benchmarks/results/cross_cpu.md). At 4
+# decimals another CPU left the metrics files modified; 0.01 is 30-60 times that noise.
+PERPLEXITY_DIGITS = 2
+
 
 def run(params: Params, name: str) -> Dict[str, float]:
     """Evaluate model `name` (`base`, a variant or `<variant>+healed`); write and return its metrics."""
@@ -63,9 +69,9 @@ def _measure_in_memory(params: Params, name: str, where, tokenizer, windows, oth
     model = _load(name, where)
     tasks = _tasks(model, tokenizer, task_options(settings), name)
     metrics = {
-        "perplexity": round(perplexity(model, windows, show_progress=True), 4),
+        "perplexity": round(perplexity(model, windows, show_progress=True), PERPLEXITY_DIGITS),
         "eval_tokens": int(windows.numel()),
-        "perplexity_out_of_domain": round(perplexity(model, other_windows, show_progress=True), 4),
+        "perplexity_out_of_domain": round(perplexity(model, other_windows, show_progress=True), PERPLEXITY_DIGITS),
         "out_of_domain_eval_tokens": int(other_windows.numel()),
         **_shape(model, name),
     }
@@ -81,9 +87,9 @@ def _measure_out_of_core(params: Params, name: str, where, windows, other_window
               f"{_size(where.budget_bytes)} (compute.memory_budget_gib): measured only when it fits")
     print(f"evaluate {name}: out of core; tasks skipped: {reason}", file=sys.stderr)
     metrics = {
-        "perplexity": round(perplexity_checkpoint(folder, windows, device=where.device), 4),
+        "perplexity": round(perplexity_checkpoint(folder, windows, device=where.device), PERPLEXITY_DIGITS),
         "eval_tokens": int(windows.numel()),
-        "perplexity_out_of_domain": round(perplexity_checkpoint(folder, other_windows, device=where.device), 4),
+        "perplexity_out_of_domain": round(perplexity_checkpoint(folder, other_windows, device=where.device), PERPLEXITY_DIGITS),
         "out_of_domain_eval_tokens": int(other_windows.numel()),
         **_shape(load_skeleton(str(folder)), name),
     }
