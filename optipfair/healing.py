@@ -247,6 +247,7 @@ def heal(
     bar = tqdm(range(steps), desc="Healing", unit="step", disable=not show_progress)
     try:
         for step in bar:
+            optimizer.zero_grad(set_to_none=True)  # the views' gradients, which hold the last step's alive
             for parameter in params:
                 parameter.grad = None
             total = 0.0
@@ -273,6 +274,7 @@ def heal(
         model.train(student_was_training)
         if student.supports_gradient_checkpointing and not checkpointed:
             student.activation_checkpointing_disable()
+            student.disable_input_require_grads()  # the embedding hook that enabling added
         for parameter in params:
             parameter.grad = None
     if options.train == "lora":
@@ -316,47 +318,46 @@ def _window_backward(student: nn.Module, teacher: nn.Module, batch: torch.Tensor
     """
     t, scale = options.temperature, 1.0 / options.batch_size
     embedding = embedding or _EmbeddingGradients(student)
-    with autocast:
-        with torch.no_grad():
-            target = decoder_body(teacher)(input_ids=batch.to(next(teacher.parameters()).device), use_cache=False,
-                                           output_hidden_states=use_hidden)
-        with embedding.frozen(), embedding.lookups():
-            output = decoder_body(student)(input_ids=batch, use_cache=False, output_hidden_states=use_hidden)
-    last = output.last_hidden_state[0]
-    leaf = last.detach().requires_grad_(True)
-    positions = len(leaf)
-    labels = batch[0, 1:]  # position i predicts token i + 1; the last position has no label
-    chunk = chunk_positions(student.get_output_embeddings().weight.shape[0])
-    total = 0.0
-    for start in range(0, positions, chunk):
-        stop = min(start + chunk, positions)
+    with embedding.frozen():  # the embedding's and head's gradients are added by `embedding`
         with autocast:
-            logits = head_logits(student, leaf[start:stop], embedding.head)
             with torch.no_grad():
-                teacher_logits = head_logits(teacher, target.last_hidden_state[0, start:stop]).to(logits.device)
-        student_logp, teacher_logp = F.log_softmax(logits / t, dim=-1), F.log_softmax(teacher_logits / t, dim=-1)
-        loss = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="sum") * t * t / positions
-        labelled = min(stop, positions - 1) - start
-        if options.label_weight > 0 and labelled > 0:
-            loss = loss + options.label_weight * F.cross_entropy(
-                logits[:labelled], labels[start:start + labelled], reduction="sum") / (positions - 1)
-        with embedding.frozen():
+                target = decoder_body(teacher)(input_ids=batch.to(next(teacher.parameters()).device), use_cache=False,
+                                               output_hidden_states=use_hidden)
+            with embedding.lookups():
+                output = decoder_body(student)(input_ids=batch, use_cache=False, output_hidden_states=use_hidden)
+        last = output.last_hidden_state[0]
+        leaf = last.detach().requires_grad_(True)
+        positions = len(leaf)
+        labels = batch[0, 1:]  # position i predicts token i + 1; the last position has no label
+        chunk = chunk_positions(student.get_output_embeddings().weight.shape[0])
+        total = 0.0
+        for start in range(0, positions, chunk):
+            stop = min(start + chunk, positions)
+            with autocast:
+                logits = head_logits(student, leaf[start:stop], embedding.head)
+                with torch.no_grad():
+                    teacher_logits = head_logits(teacher, target.last_hidden_state[0, start:stop]).to(logits.device)
+            student_logp, teacher_logp = F.log_softmax(logits / t, dim=-1), F.log_softmax(teacher_logits / t, dim=-1)
+            loss = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="sum") * t * t / positions
+            labelled = min(stop, positions - 1) - start
+            if options.label_weight > 0 and labelled > 0:
+                loss = loss + options.label_weight * F.cross_entropy(
+                    logits[:labelled], labels[start:start + labelled], reduction="sum") / (positions - 1)
             (loss * scale).backward()
-        total += loss.item()
-    outputs, gradients = [last], [leaf.grad]
-    if use_hidden:
-        # Each layer's output against the teacher's, scaled by the teacher's own size there, so
-        # that layers with large activations do not dominate.
-        with autocast:
-            terms = [
-                F.mse_loss(s.float(), h.to(s.device).float()) / h.float().pow(2).mean().clamp_min(1e-6).to(s.device)
-                for s, h in zip(output.hidden_states[1:], target.hidden_states[1:])
-            ]
-            hidden_loss = options.hidden_weight * torch.stack(terms).mean()
-        outputs.append(hidden_loss * scale)
-        gradients.append(None)
-        total += hidden_loss.item()
-    with embedding.frozen():
+            total += loss.item()
+        outputs, gradients = [last], [leaf.grad]
+        if use_hidden:
+            # Each layer's output against the teacher's, scaled by the teacher's own size there, so
+            # that layers with large activations do not dominate.
+            with autocast:
+                terms = [
+                    F.mse_loss(s.float(), h.to(s.device).float()) / h.float().pow(2).mean().clamp_min(1e-6).to(s.device)
+                    for s, h in zip(output.hidden_states[1:], target.hidden_states[1:])
+                ]
+                hidden_loss = options.hidden_weight * torch.stack(terms).mean()
+            outputs.append(hidden_loss * scale)
+            gradients.append(None)
+            total += hidden_loss.item()
         torch.autograd.backward(outputs, gradients)
     embedding.add_lookup_gradients()
     return total
