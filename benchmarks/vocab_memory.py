@@ -1,7 +1,8 @@
 """Big vocabularies: peak RSS of perplexity and healing on a Gemma-3-like model (262k tokens), before and after
-the head went chunk by chunk (issue #20, item 4).
+the head went chunk by chunk, and healing before and after its memory savers (issue #20, item 4).
 
     python -m benchmarks.vocab_memory            # builds the model once under benchmarks/scratch/ (git-ignored)
+    python -m benchmarks.vocab_memory --stages heal --seq-lens 512 2048   # only those rows; the others are kept
 
 The model: random weights of Gemma 3 270M's text shape (vocabulary 262144, hidden 640, MLP 2048, 4 heads of
 256, 1 KV head, tied embeddings) with 4 decoder layers instead of 18, in bf16 safetensors (0.42 GB: the
@@ -9,12 +10,15 @@ embedding matrix is 0.34 GB of it). Its tokenizer is a byte-level BPE of 4096 to
 its ids are the first 4096 of the vocabulary, which is all the stages need (the logits cover all 262144).
 
 Each measurement runs in its own process; its peak RSS is `resource.getrusage(RUSAGE_SELF).ru_maxrss` at the
-end. BEFORE is the library at commit c92c1e2 (extracted with `git archive` under benchmarks/scratch/), AFTER
-the working tree; both run the same worker code:
+end. BEFORE is the library at an earlier commit (extracted with `git archive` under benchmarks/scratch/): for
+evaluate c92c1e2 (before the chunked head), for heal fc28491 (chunked head, before checkpointing and the
+in-place embedding gradients); AFTER is the working tree; both run the same worker code:
 - evaluate: the model loaded in float32 (as the evaluate stage on a CPU), `perplexity` on 2 windows;
-- heal: student and teacher loaded in float32 (as the heal stage), one `heal` step of batch 1, all weights.
+- heal: student and teacher loaded in float32 (as the heal stage), two `heal` steps of batch 1, all weights
+  (the second step's backward is the first to run beside AdamW's moments, made by the first step).
 Models + state is what healing must hold whatever the logits: two models, the gradients and AdamW's two
-moments (5 x the float32 weights). Results: benchmarks/results/vocab_memory.md.
+moments (5 x the float32 weights). Results: benchmarks/results/vocab_memory.md (rows not run are kept from
+vocab_memory.json).
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SCRATCH = ROOT / "benchmarks" / "scratch"
 MODEL = SCRATCH / "gemma3-vocab"
-BEFORE_COMMIT = "c92c1e2"
+BEFORE_COMMITS = {"evaluate": "c92c1e2", "heal": "fc28491"}
 SEQ_LENS = (512, 2048)
+STAGES = ("evaluate", "heal")
+HEAL_STEPS = 2
 GEMMA3_TEXT = dict(
     vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=4,
     num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=512, max_position_embeddings=32768,
@@ -40,6 +46,7 @@ GEMMA3_TEXT = dict(
 def worker(job: dict) -> None:
     """One measurement as `job` says (run with the library under test first on sys.path); prints a JSON line."""
     import resource
+    import time
 
     import torch
 
@@ -59,12 +66,24 @@ def worker(job: dict) -> None:
         from optipfair.healing import HealOptions, heal
 
         teacher, _ = load_model(job["model"], "cpu", "float32")
-        windows = token_windows(tokenizer, calibration, seq_len, seq_len)
-        value = heal(model, teacher, windows, HealOptions(num_tokens=seq_len, seq_len=seq_len, batch_size=1),
-                     show_progress=False).losses[0]
+        windows = token_windows(tokenizer, calibration, HEAL_STEPS * seq_len, seq_len)
+        loaded = _resident_bytes()
+        start = time.perf_counter()
+        value = heal(model, teacher, windows, HealOptions(num_tokens=HEAL_STEPS * seq_len, seq_len=seq_len,
+                                                          batch_size=1), show_progress=False).losses[0]
+        seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    print(json.dumps({"peak_bytes": peak, "weights_bytes": weights, "value": value}))
+    extra = {"loaded_bytes": loaded, "seconds": round(seconds, 1)} if job["stage"] == "heal" else {}
+    print(json.dumps({"peak_bytes": peak, "weights_bytes": weights, "value": value, **extra}))
+
+
+def _resident_bytes() -> int:
+    """This process's resident memory now (VmRSS)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def build() -> None:
@@ -89,12 +108,12 @@ def build() -> None:
                             unk_token="<unk>").save_pretrained(MODEL)
 
 
-def before_tree() -> Path:
-    """The library at BEFORE_COMMIT, extracted once."""
-    folder = SCRATCH / f"before-{BEFORE_COMMIT}"
+def before_tree(commit: str) -> Path:
+    """The library at `commit`, extracted once."""
+    folder = SCRATCH / f"before-{commit}"
     if not (folder / "optipfair").is_dir():
         folder.mkdir(parents=True, exist_ok=True)
-        archive = subprocess.run(["git", "archive", BEFORE_COMMIT, "optipfair"], cwd=ROOT, check=True,
+        archive = subprocess.run(["git", "archive", commit, "optipfair"], cwd=ROOT, check=True,
                                  capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
     return folder
@@ -116,18 +135,28 @@ def main() -> None:
     from benchmarks.common import RESULTS, command
     from optipfair.engine import available_memory_bytes
 
-    argparse.ArgumentParser(prog="python -m benchmarks.vocab_memory", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.vocab_memory", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="stages to measure")
+    parser.add_argument("--seq-lens", nargs="+", type=int, choices=SEQ_LENS, default=list(SEQ_LENS),
+                        help="window lengths to measure")
+    parser.add_argument("--after-only", action="store_true", help="measure the working tree only, keep BEFORE rows")
+    args = parser.parse_args()
     build()
-    codes = {"before": before_tree(), "after": ROOT}
-    rows = {}
-    for stage in ("evaluate", "heal"):
-        for seq_len in SEQ_LENS:
+    recorded = RESULTS / "vocab_memory.json"
+    rows = {tuple(k.split("/")): r for k, r in json.loads(recorded.read_text()).items()} if recorded.is_file() else {}
+    rows = {(s, int(n), w): r for (s, n, w), r in rows.items()}
+    for stage in args.stages:
+        codes = {"before": before_tree(BEFORE_COMMITS[stage]), "after": ROOT}
+        if args.after_only:
+            del codes["before"]
+        for seq_len in args.seq_lens:
             for when, code in codes.items():
                 first = rows.get((stage, SEQ_LENS[0], when), {})
-                # The unchunked logits grow with seq_len: a run 4x as long may need up to 4x the memory, and
-                # this machine is shared; such a run is left out rather than risk the OOM killer.
-                guess = first.get("peak_bytes", 0) * seq_len // SEQ_LENS[0]
+                # evaluate's unchunked logits grow with seq_len: a run 4x as long may need up to 4x the memory (heal's
+                # BEFORE is chunked: 1.5x at most), and this machine is shared; such a run is left out rather than
+                # risk the OOM killer.
+                guess = first.get("peak_bytes", 0) * (seq_len // SEQ_LENS[0] if stage == "evaluate" else 1.5)
                 if when == "before" and guess + 2**31 > available_memory_bytes():
                     rows[stage, seq_len, when] = result = {
                         "failed": f"not run: up to {guess / 2**30:.0f} GiB ({seq_len // SEQ_LENS[0]} x the "
@@ -142,19 +171,25 @@ def main() -> None:
 
     size = sum(f.stat().st_size for f in MODEL.glob("*.safetensors"))
     lines = [
-        "# Peak RSS with a 262k-token vocabulary: before and after the chunked head",
+        "# Peak RSS with a 262k-token vocabulary: before and after",
         "",
         f"Command: `{command('benchmarks.vocab_memory')}`, 2-core CPU. Model: random-weight Gemma 3 text shape "
         f"(vocabulary 262144, hidden 640, 4 layers), bf16 safetensors of {size / gib:.2f} GiB, loaded in float32. "
-        f"Before: the library at commit {BEFORE_COMMIT}; after: this commit. Each cell is one process's peak RSS "
-        "(GiB). evaluate: `perplexity` on 2 windows; heal: one step, batch 1, all weights.",
+        f"Before: the library at commit {BEFORE_COMMITS['evaluate']} for evaluate (before the chunked head), "
+        f"{BEFORE_COMMITS['heal']} for heal (before checkpointing and the in-place embedding gradients); after: this "
+        "commit. Each cell is one process's peak RSS (GiB). evaluate: `perplexity` on 2 windows; heal: "
+        f"{HEAL_STEPS} steps, batch 1, all weights.",
         "",
         "| stage | seq_len | before | after | after − models and state | value before / after |",
         "|---|---|---|---|---|---|",
     ]
-    for stage in ("evaluate", "heal"):
+    for stage in STAGES:
         for seq_len in SEQ_LENS:
-            before, after = rows[stage, seq_len, "before"], rows[stage, seq_len, "after"]
+            before, after = rows.get((stage, seq_len, "before"), {}), rows.get((stage, seq_len, "after"), {})
+            if not before and not after:
+                continue
+            before = before or {"failed": "not run"}
+            after = after or {"failed": "not run"}
             # What must be held whatever the logits: the model (evaluate); two models, gradients, AdamW (heal).
             held = after.get("weights_bytes", 0) * (1 if stage == "evaluate" else 5)
             extra = f"{(after['peak_bytes'] - held) / gib:.2f}" if "peak_bytes" in after else "-"

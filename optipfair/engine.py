@@ -74,7 +74,8 @@ def working_memory_bytes(model_path: str | Path, tokens: int, seq_len: int, held
     - Activations of `tokens` tokens in flight, in windows of `seq_len`: per token and layer, about 8
       hidden-size vectors (residual, norm, q, k, v, attention output), 3 MLP-width ones (gate, up, their
       product) and an attention score per head and position of the window. Inference holds one layer's
-      at a time; training keeps every layer's for the backward pass.
+      at a time; so does training, whose decoder layers are checkpointed (`optipfair.healing`): it keeps
+      each layer's input for the backward pass, which recomputes one layer's activations at a time.
     - `held_tokens` tokens' hidden states kept between layers, inputs and outputs (calibration).
     - Training: the gradients and AdamW's two moments of every weight (train: all, the default), 3 x the
       float32 weights.
@@ -87,7 +88,7 @@ def working_memory_bytes(model_path: str | Path, tokens: int, seq_len: int, held
     logits = 3 * HEAD_CHUNK_LOGITS * 4
     work = logits + per_layer + 2 * held_tokens * hidden * 4
     if training:
-        work += 3 * logits + (config.num_hidden_layers - 1) * per_layer + 3 * in_memory_bytes(model_path)
+        work += 3 * logits + config.num_hidden_layers * tokens * hidden * 4 + 3 * in_memory_bytes(model_path)
     return work
 
 

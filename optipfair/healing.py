@@ -4,22 +4,30 @@ The pruned model (the student) is trained to match the unpruned model (the teach
 calibration text, with a fixed token budget: the loss is the KL divergence from the teacher's
 next-token distribution to the student's, at every position, optionally plus the cross-entropy
 on the text's own next tokens (hard labels) and a per-layer hidden-state term. Only the student trains;
-the teacher runs without gradients. Both models' logits are computed a chunk of positions at a time
-(`_window_backward`), so memory holds the two models, the gradients and optimizer state of what
-trains, one window's activations and one chunk of logits, whatever the vocabulary.
+the teacher runs without gradients. Memory holds the two models, the gradients and optimizer state of
+what trains, and little that grows with the vocabulary or the window:
+- both models' logits are computed a chunk of positions at a time (`_window_backward`);
+- the student's decoder layers are checkpointed: the backward pass recomputes one layer's activations
+  at a time from its input instead of keeping every layer's for the whole window;
+- the embedding's and the head's weight gradients are added in place, `GRAD_ROWS` rows at a time
+  (`_EmbeddingGradients`), and AdamW steps a big weight `GRAD_ROWS` rows at a time (`_row_slices`):
+  autograd and AdamW would otherwise build temporaries of the whole [vocabulary, hidden] matrix.
+Each of these gives the same floats as the plain computation (tests/test_healing.py checks it to the bit).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from optipfair.adapters import get_adapter
@@ -51,6 +59,11 @@ DEFAULT_HEAL_SEQ_LEN = 512
 # 2.865 / 1.631 with 1 CE. The text's own tokens help on every text, not only in domain; past 1 the
 # gains are small, and the teacher keeps half the say.
 DEFAULT_HEAL_LABEL_WEIGHT = 1.0
+# Rows of an embedding-sized matrix (the head's and the lookup's weight gradients, AdamW's update) worked
+# on at once. Autograd and AdamW build the whole matrix as a temporary: with Gemma 3's 262144 x 640
+# float32 embedding that is 0.625 GiB per temporary, two at once in AdamW's step, and healing peaked
+# 1.72 GiB above its models and state (benchmarks/results/vocab_memory.md); 8192 rows of 640 are 20 MiB.
+GRAD_ROWS = 8192
 
 
 class HealingError(OptiPFairError):
@@ -212,7 +225,8 @@ def heal(
 
     model = _trainable(student, options)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=options.learning_rate, weight_decay=0.0)
+    slices = _row_slices(params)
+    optimizer = torch.optim.AdamW([view for _, view, _ in slices], lr=options.learning_rate, weight_decay=0.0)
     warmup = max(1, steps // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))
@@ -221,18 +235,26 @@ def heal(
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
     teacher_was_training, student_was_training = teacher.training, student.training
+    checkpointed = student.is_activation_checkpointing
     teacher.eval()
     model.train()
+    # Non-reentrant: it also checkpoints layers whose inputs need no gradient (train: mlp, lora).
+    if student.supports_gradient_checkpointing:
+        student.activation_checkpointing_enable({"use_reentrant": False})
+    embedding = _EmbeddingGradients(student)
     losses: List[float] = []
     start = time.perf_counter()
     bar = tqdm(range(steps), desc="Healing", unit="step", disable=not show_progress)
     try:
         for step in bar:
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)  # the views' gradients, which hold the last step's alive
+            for parameter in params:
+                parameter.grad = None
             total = 0.0
             for index in order[step * options.batch_size : (step + 1) * options.batch_size]:
                 batch = windows[index : index + 1].to(device)
-                loss = _window_backward(student, teacher, batch, options, use_hidden, autocast) / options.batch_size
+                loss = _window_backward(student, teacher, batch, options, use_hidden, autocast,
+                                        embedding) / options.batch_size
                 if not math.isfinite(loss):
                     raise HealingError(
                         f"loss became {loss} at step {step + 1}; nothing was kept (lower the learning rate, "
@@ -240,6 +262,8 @@ def heal(
                     )
                 total += loss
             torch.nn.utils.clip_grad_norm_(params, 1.0)
+            for parameter, view, rows in slices:
+                view.grad = None if parameter.grad is None else parameter.grad[rows]
             optimizer.step()
             schedule.step()
             losses.append(total)
@@ -248,6 +272,11 @@ def heal(
         bar.close()
         teacher.train(teacher_was_training)
         model.train(student_was_training)
+        if student.supports_gradient_checkpointing and not checkpointed:
+            student.activation_checkpointing_disable()
+            student.disable_input_require_grads()  # the embedding hook that enabling added
+        for parameter in params:
+            parameter.grad = None
     if options.train == "lora":
         _merge_lora(student, model)
     for parameter in student.parameters():
@@ -276,7 +305,7 @@ def _window_order(count: int, needed: int, generator: torch.Generator) -> List[i
 
 
 def _window_backward(student: nn.Module, teacher: nn.Module, batch: torch.Tensor, options: HealOptions,
-                     use_hidden: bool, autocast) -> float:
+                     use_hidden: bool, autocast, embedding: "_EmbeddingGradients | None" = None) -> float:
     """The loss of one window [1, seq_len], its gradients (times 1 / batch_size) added to the student's.
 
     The loss: KL(teacher || student) per token on the next-token distributions, plus the hard-label
@@ -285,48 +314,184 @@ def _window_backward(student: nn.Module, teacher: nn.Module, batch: torch.Tensor
     once into the student's last hidden state (a detached leaf), so that the two models' full logits
     never exist for the whole window. That gradient then goes through the body in one backward pass:
     the same loss and gradients as the unchunked sum, with logits memory bounded by the chunk.
+    `embedding` (default: made here) adds the embedding's and the head's weight gradients in place.
     """
     t, scale = options.temperature, 1.0 / options.batch_size
-    with autocast:
-        with torch.no_grad():
-            target = decoder_body(teacher)(input_ids=batch.to(next(teacher.parameters()).device), use_cache=False,
-                                           output_hidden_states=use_hidden)
-        output = decoder_body(student)(input_ids=batch, use_cache=False, output_hidden_states=use_hidden)
-    last = output.last_hidden_state[0]
-    leaf = last.detach().requires_grad_(True)
-    positions = len(leaf)
-    labels = batch[0, 1:]  # position i predicts token i + 1; the last position has no label
-    chunk = chunk_positions(student.get_output_embeddings().weight.shape[0])
-    total = 0.0
-    for start in range(0, positions, chunk):
-        stop = min(start + chunk, positions)
+    embedding = embedding or _EmbeddingGradients(student)
+    with embedding.frozen():  # the embedding's and head's gradients are added by `embedding`
         with autocast:
-            logits = head_logits(student, leaf[start:stop])
             with torch.no_grad():
-                teacher_logits = head_logits(teacher, target.last_hidden_state[0, start:stop]).to(logits.device)
-        student_logp, teacher_logp = F.log_softmax(logits / t, dim=-1), F.log_softmax(teacher_logits / t, dim=-1)
-        loss = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="sum") * t * t / positions
-        labelled = min(stop, positions - 1) - start
-        if options.label_weight > 0 and labelled > 0:
-            loss = loss + options.label_weight * F.cross_entropy(
-                logits[:labelled], labels[start:start + labelled], reduction="sum") / (positions - 1)
-        (loss * scale).backward()
-        total += loss.item()
-    outputs, gradients = [last], [leaf.grad]
-    if use_hidden:
-        # Each layer's output against the teacher's, scaled by the teacher's own size there, so
-        # that layers with large activations do not dominate.
-        with autocast:
-            terms = [
-                F.mse_loss(s.float(), h.to(s.device).float()) / h.float().pow(2).mean().clamp_min(1e-6).to(s.device)
-                for s, h in zip(output.hidden_states[1:], target.hidden_states[1:])
-            ]
-            hidden_loss = options.hidden_weight * torch.stack(terms).mean()
-        outputs.append(hidden_loss * scale)
-        gradients.append(None)
-        total += hidden_loss.item()
-    torch.autograd.backward(outputs, gradients)
+                target = decoder_body(teacher)(input_ids=batch.to(next(teacher.parameters()).device), use_cache=False,
+                                               output_hidden_states=use_hidden)
+            with embedding.lookups():
+                output = decoder_body(student)(input_ids=batch, use_cache=False, output_hidden_states=use_hidden)
+        last = output.last_hidden_state[0]
+        leaf = last.detach().requires_grad_(True)
+        positions = len(leaf)
+        labels = batch[0, 1:]  # position i predicts token i + 1; the last position has no label
+        chunk = chunk_positions(student.get_output_embeddings().weight.shape[0])
+        total = 0.0
+        for start in range(0, positions, chunk):
+            stop = min(start + chunk, positions)
+            with autocast:
+                logits = head_logits(student, leaf[start:stop], embedding.head)
+                with torch.no_grad():
+                    teacher_logits = head_logits(teacher, target.last_hidden_state[0, start:stop]).to(logits.device)
+            student_logp, teacher_logp = F.log_softmax(logits / t, dim=-1), F.log_softmax(teacher_logits / t, dim=-1)
+            loss = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="sum") * t * t / positions
+            labelled = min(stop, positions - 1) - start
+            if options.label_weight > 0 and labelled > 0:
+                loss = loss + options.label_weight * F.cross_entropy(
+                    logits[:labelled], labels[start:start + labelled], reduction="sum") / (positions - 1)
+            (loss * scale).backward()
+            total += loss.item()
+        outputs, gradients = [last], [leaf.grad]
+        if use_hidden:
+            # Each layer's output against the teacher's, scaled by the teacher's own size there, so
+            # that layers with large activations do not dominate.
+            with autocast:
+                terms = [
+                    F.mse_loss(s.float(), h.to(s.device).float()) / h.float().pow(2).mean().clamp_min(1e-6).to(s.device)
+                    for s, h in zip(output.hidden_states[1:], target.hidden_states[1:])
+                ]
+                hidden_loss = options.hidden_weight * torch.stack(terms).mean()
+            outputs.append(hidden_loss * scale)
+            gradients.append(None)
+            total += hidden_loss.item()
+        torch.autograd.backward(outputs, gradients)
+    embedding.add_lookup_gradients()
     return total
+
+
+class _EmbeddingGradients:
+    """The weight gradients of the student's embedding lookup and output head, added into `.grad` in place.
+
+    Autograd builds each as a whole [vocabulary, hidden] matrix before adding it (the lookup's is dense
+    although a window touches a few hundred rows): one temporary of the embedding's size per head chunk and
+    per window. Here, while a window's forward and backward run, those weights take no gradient
+    (`frozen`); the head's gradient comes from its logits' gradient, `GRAD_ROWS` rows at a time (`head`),
+    and the lookup's from its output's gradient, the rows the window used (`lookups`,
+    `add_lookup_gradients`). The same matrices products and sums in the same order: the same floats.
+    """
+
+    def __init__(self, student: nn.Module):
+        lookup, head = student.get_input_embeddings(), student.get_output_embeddings()
+        self.lookup_weight = lookup.weight if lookup.weight.requires_grad else None
+        self.head_module = head if head.weight.requires_grad else None
+        self.weights = [w for w in {id(w): w for w in (self.lookup_weight, head.weight) if w is not None and
+                                    w.requires_grad}.values()]
+        self._lookups: List[Tuple[torch.Tensor, torch.Tensor, int]] = []
+
+    def frozen(self):
+        return _Frozen(self.weights) if self.weights else nullcontext()
+
+    def lookups(self):
+        return _Lookups(self.lookup_weight, self._lookups) if self.lookup_weight is not None else nullcontext()
+
+    @property
+    def head(self):
+        """The head as `head_logits` calls it, its weight's gradient added from the logits' gradient."""
+        if self.head_module is None:
+            return None
+        module = self.head_module
+
+        def head(hidden: torch.Tensor) -> torch.Tensor:
+            logits = module(hidden)
+            if logits.requires_grad:
+                # F.linear's backward: grad_weight = grad_logits^T @ hidden, in the logits' dtype (bf16 under autocast)
+                logits.register_hook(lambda grad: _add_rows(
+                    module.weight, lambda rows: grad[:, rows].t().mm(hidden.detach().to(grad.dtype))))
+            return logits
+
+        head.weight = module.weight  # `head_logits` callers read the vocabulary from it
+        return head
+
+    def add_lookup_gradients(self) -> None:
+        """Add the recorded lookups' gradients into the embedding's `.grad`, as the embedding's backward sums them."""
+        weight = self.lookup_weight
+        for ids, output, padding in self._lookups:
+            if output.grad is None:
+                continue
+            ids, grad = ids.reshape(-1), output.grad.reshape(-1, weight.shape[1]).to(weight.dtype)
+            keep = ids != padding  # the padding row takes no gradient
+            rows, inverse = torch.unique(ids[keep], return_inverse=True)
+            # Each used row's sum in window order, from zero, as embedding_dense_backward adds them
+            sums = torch.zeros(len(rows), weight.shape[1], dtype=weight.dtype, device=weight.device)
+            sums.index_add_(0, inverse, grad[keep])
+            if weight.grad is None:
+                weight.grad = torch.zeros_like(weight)
+            weight.grad.index_add_(0, rows, sums)
+        self._lookups.clear()
+
+
+class _Frozen:
+    """The weights take no gradient inside the block (autograd leaves them to `_EmbeddingGradients`)."""
+
+    def __init__(self, weights: List[torch.Tensor]):
+        self.weights = weights
+
+    def __enter__(self):
+        for weight in self.weights:
+            weight.requires_grad_(False)
+
+    def __exit__(self, *exc):
+        for weight in self.weights:
+            weight.requires_grad_(True)
+
+
+_EMBEDDING_ARGS = inspect.signature(F.embedding)
+
+
+class _Lookups(TorchFunctionMode):
+    """Records each `F.embedding` of `weight` (ids, output, padding row): its output made to require grad."""
+
+    def __init__(self, weight: torch.Tensor, record: list):
+        super().__init__()
+        self.weight, self.record = weight, record
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        output = func(*args, **kwargs)
+        if func is F.embedding:
+            bound = _EMBEDDING_ARGS.bind(*args, **kwargs).arguments
+            if bound["weight"] is self.weight:
+                if bound.get("scale_grad_by_freq"):
+                    raise HealingError("an embedding that scales its gradient by token frequency cannot be healed")
+                padding = bound.get("padding_idx")
+                padding = -1 if padding is None else padding % self.weight.shape[0]
+                output.requires_grad_(True)
+                self.record.append((bound["input"], output, padding))
+        return output
+
+
+def _add_rows(weight: torch.Tensor, block) -> None:
+    """`weight.grad += block(rows)` for `GRAD_ROWS` rows at a time (`.grad` is set when there is none)."""
+    first = weight.grad is None
+    if first:
+        weight.grad = torch.empty_like(weight)
+    for start in range(0, weight.shape[0], GRAD_ROWS):
+        rows = slice(start, start + GRAD_ROWS)
+        part = block(rows).to(weight.dtype)
+        if first:
+            weight.grad[rows].copy_(part)
+        else:
+            weight.grad[rows].add_(part)
+
+
+def _row_slices(params: List[torch.Tensor]) -> List[Tuple[torch.Tensor, torch.Tensor, slice]]:
+    """(parameter, view, rows): each parameter cut into views of `GRAD_ROWS` rows (whole when smaller), for
+    AdamW to step one view at a time. Its update is elementwise, so it is the same on the views, but
+    its temporaries (the denominator's square root) are a view's size, not the embedding's."""
+    slices = []
+    for parameter in params:
+        length = parameter.shape[0] if parameter.dim() > 1 else 0
+        if length <= GRAD_ROWS:
+            slices.append((parameter, parameter.detach(), slice(None)))
+            continue
+        for start in range(0, length, GRAD_ROWS):
+            rows = slice(start, start + GRAD_ROWS)
+            slices.append((parameter, parameter.detach()[rows], rows))
+    return slices
 
 
 def _trainable(student: nn.Module, options: HealOptions) -> nn.Module:

@@ -152,6 +152,114 @@ def test_healing_with_small_chunks_trains_the_same_weights(texts, monkeypatch):
         torch.testing.assert_close(small_weights[name], weight, rtol=1e-4, atol=1e-6)
 
 
+class _PlainGradients:
+    """Healing's plain autograd: the embedding's and the head's gradients built whole, as `_EmbeddingGradients` does not."""
+
+    head = None
+
+    def __init__(self, student):
+        pass
+
+    def frozen(self):
+        return nullcontext()
+
+    lookups = frozen
+
+    def add_lookup_gradients(self):
+        pass
+
+
+def _plain(monkeypatch):
+    """Switch off healing's memory savers: no checkpointing, whole-matrix gradients and AdamW steps."""
+    from transformers import PreTrainedModel
+
+    from optipfair import healing
+
+    monkeypatch.setattr(healing, "_EmbeddingGradients", _PlainGradients)
+    monkeypatch.setattr(healing, "GRAD_ROWS", 2**40)
+    monkeypatch.setattr(PreTrainedModel, "activation_checkpointing_enable", lambda self, *args, **kwargs: None)
+
+
+def _family_pair(path):
+    from optipfair.io import load_model
+
+    teacher, tokenizer = load_model(str(path), "cpu", "float32")
+    student = copy.deepcopy(teacher)
+    torch.manual_seed(1)
+    with torch.no_grad():  # a student that differs from its teacher everywhere, embedding included
+        for parameter in student.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.02)
+    return teacher, student, tokenizer
+
+
+def test_memory_savers_give_the_plain_gradients_to_the_bit(family_model, monkeypatch):
+    """Checkpointed layers, in-place embedding and head gradients (several blocks of rows, a padding token and
+    repeated tokens in the window, tied and untied heads): every gradient is autograd's own, bit for bit."""
+    from optipfair import healing
+    from optipfair.evaluation import head
+
+    teacher, student, tokenizer = _family_pair(family_model.path)
+    calibration, _ = default_texts()
+    batch = token_windows(tokenizer, calibration, SEQ_LEN, SEQ_LEN)[:1].clone()
+    padding = student.get_input_embeddings().padding_idx
+    batch[0, 3] = batch[0, 9] = padding if padding is not None else batch[0, 5]
+    options = HealOptions(seq_len=SEQ_LEN, num_tokens=SEQ_LEN, label_weight=0.7, batch_size=2)
+    monkeypatch.setattr(head, "HEAD_CHUNK_LOGITS", 7 * student.config.vocab_size)  # 5 chunks
+    monkeypatch.setattr(healing, "GRAD_ROWS", 100)
+    attention = healing.get_adapter(student).layers[0].self_attn  # inside the layer's checkpointed forward
+    calls = []
+    attention.register_forward_pre_hook(lambda *args: calls.append(1))
+    student.activation_checkpointing_enable({"use_reentrant": False})
+    student.train()
+    for parameter in student.parameters():  # a gradient already there, as from the batch's first window
+        parameter.grad = torch.full_like(parameter, 0.5)
+    loss = _window_backward(student, teacher, batch, options, False, nullcontext())
+    saved = {n: p.grad for n, p in student.named_parameters()}
+    assert len(calls) == 2  # the layer ran again in the backward pass: checkpointed
+
+    student.activation_checkpointing_disable()
+    for parameter in student.parameters():
+        parameter.grad = torch.full_like(parameter, 0.5)
+    plain = _window_backward(student, teacher, batch, options, False, nullcontext(), _PlainGradients(student))
+    assert len(calls) == 3
+    assert loss == plain
+    for name, parameter in student.named_parameters():
+        assert torch.equal(saved[name], parameter.grad), name
+
+
+@pytest.mark.parametrize("family_name", ["smollm2", "gemma3"])
+def test_healing_with_memory_savers_trains_the_plain_weights_to_the_bit(family_name, tmp_path, monkeypatch):
+    """Whole healing runs, AdamW stepping 100 rows at a time: the weights come out as plain autograd's."""
+    from families import save_family_model
+
+    from optipfair import healing
+
+    path = save_family_model(family_name, tmp_path / family_name)
+    calibration, _ = default_texts()
+    options = HealOptions(num_tokens=4 * SEQ_LEN, seq_len=SEQ_LEN, learning_rate=1e-3, batch_size=2)
+
+    def healed(plain):
+        teacher, student, tokenizer = _family_pair(path)
+        with monkeypatch.context() as patch:
+            if plain:
+                _plain(patch)
+            else:
+                patch.setattr(healing, "GRAD_ROWS", 100)
+            result = heal(student, teacher, token_windows(tokenizer, calibration, 8 * SEQ_LEN, SEQ_LEN), options,
+                          show_progress=False)
+        return result.losses, student
+
+    losses, student = healed(plain=False)
+    plain_losses, plain_student = healed(plain=True)
+    assert losses == plain_losses
+    plain_weights = plain_student.state_dict()
+    for name, weight in student.state_dict().items():
+        assert torch.equal(weight, plain_weights[name]), name
+    # Handed back as it came: checkpointing off, every weight trainable, no gradients held.
+    assert not student.is_activation_checkpointing and not getattr(student, "_require_grads_hooks", None)
+    assert all(p.requires_grad and p.grad is None for p in student.parameters())
+
+
 def test_budget_counts_tokens_and_reuses_windows_when_short(texts):
     teacher, student = teacher_and_student()
     options = HealOptions(num_tokens=1024, seq_len=SEQ_LEN, batch_size=4)
