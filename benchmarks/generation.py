@@ -25,7 +25,8 @@ from benchmarks.common import DEFAULT_MODEL, RESULTS, command, require_model, sh
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.generation", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=lambda p: __import__("pathlib").Path(p), default=DEFAULT_MODEL)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 32, 64])
     parser.add_argument("--num-tokens", type=int, default=4096)

@@ -6,12 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import big_model, common, obs_speed, pipeline_timing, quality, shrinkage, vocab_memory, width_speed
+from benchmarks import (big_model, common, generation, obs_speed, pipeline_timing, quality, self_calibration, shrinkage,
+                        vocab_memory, width_speed)
 
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 
 
-@pytest.mark.parametrize("module", [quality, shrinkage, width_speed, pipeline_timing, obs_speed, vocab_memory])
+@pytest.mark.parametrize("module", [quality, shrinkage, width_speed, pipeline_timing, obs_speed, vocab_memory,
+                                    generation, self_calibration])
 def test_every_benchmark_prints_its_usage(module, monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", [module.__name__, "--help"])
     with pytest.raises(SystemExit) as done:
