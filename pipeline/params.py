@@ -167,8 +167,8 @@ EVALUATE = {
 }
 TRACKING = {"experiment": (False, "optipfair")}
 # generate: the base model's own text (optipfair.generation), used where `data.calibrate_on` / `data.heal_on`
-# name `generated`. 32768 tokens is one calibration budget; samples of 256 tokens from 63 openings; batch 32
-# gives ~N tok/s for SmolLM2-135M on 2 cores (README, Generated text).
+# name `generated`. 32768 tokens: one calibration budget. Samples of 256 tokens from 63 openings, 32 at a
+# time (one sequence alone runs at ~15 tok/s on 2 cores; benchmarks/generation.py measures the batches).
 GENERATE = {"num_tokens": (False, PIPELINE_CALIBRATION_TOKENS), "seq_len": (False, 256), "seed": (False, 0),
             "temperature": (False, 1.0), "top_p": (False, 1.0), "start": (False, "openings"),
             "batch_size": (False, 32)}
