@@ -75,6 +75,9 @@ def generate_text(model, tokenizer, num_tokens: int, seq_len: int, seed: int = 0
             ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
             out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            if (out[:, width] == eos).all():  # no sequence got past its first token: the loop would never end
+                raise OptiPFairError("the generated text is degenerate: every sample of a batch ended at once "
+                                     f"({tokenizer.decode([eos])!r}); raise the temperature or start from openings")
             for prompt, row in zip(batch, out[:, width:].tolist()):
                 new = row[: row.index(eos)] if eos in row else row
                 sampled.append(new)
