@@ -19,8 +19,8 @@ from pipeline.params import BASE_NAME, HEALED_SUFFIX, Params, healed_name, load_
 app = typer.Typer(
     name="optipfair-pipeline",
     help=(
-        "Stages of the optipfair pruning pipeline: download -> analyze -> prune (-> heal) -> evaluate (+ export) "
-        "(-> speed) -> report -> track. "
+        "Stages of the optipfair pruning pipeline: download -> analyze (+ generate) -> prune (-> heal) -> evaluate "
+        "(+ export) (-> speed) -> report -> track. "
         "`dvc repro` runs them all and only what changed; each command here runs one stage by hand."
     ),
     no_args_is_help=True,
@@ -92,6 +92,16 @@ def analyze(params: Path = PARAMS_OPTION) -> None:
         f"{100 * (1 - analysis['parameters']['non_embedding'] / analysis['parameters']['total']):.0f}% of them in the "
         f"embedding{'' if analysis['tied_embeddings'] else ' and the output head'}"
     )
+
+
+@app.command()
+def generate(params: Path = PARAMS_OPTION) -> None:
+    """Let models/base write its own calibration and healing text into data/generated/ (when `data:` uses it)."""
+    from pipeline import generate as stage
+
+    record = _run(stage.run, params)
+    typer.echo(f"generated {record['tokens']} tokens in {record['samples']} samples into {layout.GENERATED_TEXT}"
+               if record["used"] else f"{layout.GENERATED_TEXT}: left empty, no calibration or healing text uses it")
 
 
 @app.command()

@@ -3,8 +3,9 @@
 The student is models/<variant>, the teacher models/base; both are read in float32, whatever they
 were saved in, and trained on `compute.device` (the library uses bf16 autocast on a GPU). The healed
 model is saved in `compute.save_dtype`, as the pruned variants are (auto: the base checkpoint's own
-dtype). The training text is the calibration part of `data:` (never the evaluation part, so the healed model's perplexity is measured
-on text it did not train on). The healed model goes to models/<variant>+healed; its loss curve,
+dtype). The training text is what `data.heal_on` names: the calibration part of `data:` (never the
+evaluation part, so the healed model's perplexity is measured on text it did not train on), the base
+model's own generated text, or a mix. The healed model goes to models/<variant>+healed; its loss curve,
 steps and tokens go to reports/heal/<variant>.json, a DVC plot that the track stage also logs to
 MLflow as step metrics.
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from optipfair.data import token_windows
 from optipfair.engine import saved_dtype
 from optipfair.errors import OptionError
 from optipfair.healing import heal
@@ -21,7 +21,7 @@ from optipfair.io import load_model, resolve_device, save_model
 from pipeline import layout
 from pipeline.compute import placement
 from pipeline.params import BASE_NAME, Params, ParamsError, healed_name
-from pipeline.texts import load_texts
+from pipeline.texts import training_windows
 
 
 def run(params: Params, name: str) -> dict:
@@ -40,8 +40,7 @@ def run(params: Params, name: str) -> dict:
             "raise the budget")
     student, tokenizer = load_model(str(layout.model_dir(name)), device, "float32")
     teacher, _ = load_model(str(layout.model_dir(BASE_NAME)), device, "float32")
-    training_text, _ = load_texts(params.data)
-    windows = token_windows(tokenizer, training_text, options.num_tokens, options.seq_len)
+    windows = training_windows(tokenizer, params.data, "heal_on", options.num_tokens, options.seq_len)
     # Progress goes to stderr, so `dvc repro` shows how far the training is.
     try:
         result = heal(student, teacher, windows, options, show_progress=True)

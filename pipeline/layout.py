@@ -37,6 +37,10 @@ SPEED_TABLE = REPORTS / "speed.md"
 QUALITY_BENCHMARK = Path("benchmarks/results/quality.md")
 # Written inside models/base by the download stage: where the base model came from.
 PROVENANCE = "optipfair_source.json"
+# Written by the generate stage: the text the base model wrote itself, and how (settings, token count).
+GENERATED = Path("data/generated")
+GENERATED_TEXT = GENERATED / "base.txt"
+GENERATED_SETTINGS = GENERATED / "base.json"
 # DVC lists each model directory it builds here (one `/<name>` line per output).
 MODELS_GITIGNORE = MODELS / ".gitignore"
 

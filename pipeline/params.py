@@ -83,6 +83,8 @@ class Params:
     export: Dict[str, Any] = field(default_factory=lambda: {"formats": []})
     # how speed is timed (pipeline/speed.py): SPEED's fields
     speed: Dict[str, Any] = field(default_factory=lambda: {key: default for key, (_, default) in SPEED.items()})
+    # How the base model writes its own text (the generate stage); see GENERATE.
+    generate: Dict[str, Any] = field(default_factory=lambda: {key: default for key, (_, default) in GENERATE.items()})
 
     def variant(self, name: str) -> Variant:
         """The variant called `name`, or a ParamsError listing the ones that exist."""
@@ -131,15 +133,21 @@ BASE_SOURCES = {
     "hf": {"repo_id": (True, None), "revision": (True, None)},
     "local": {"path": (True, None)},
 }
+# What prune calibrates on and heal trains on (`calibrate_on`, `heal_on`): `corpus` (the calibration part of
+# the source), `generated` (text the base model wrote, the generate stage) or a mix of both by token share,
+# e.g. {corpus: 0.5, generated: 0.5}. Evaluation always reads the corpus's held-out part, never generated text.
+TEXT_USES = {"calibrate_on": (False, "corpus"), "heal_on": (False, "corpus")}
+TEXT_KINDS = ("corpus", "generated")
 DATA_SOURCES = {
-    "default": {"evaluation_share": (False, 0.25)},
-    "file": {"path": (True, None), "evaluation_share": (False, 0.25)},
+    "default": {"evaluation_share": (False, 0.25), **TEXT_USES},
+    "file": {"path": (True, None), "evaluation_share": (False, 0.25), **TEXT_USES},
     "hf": {
         "dataset": (True, None),
         "config": (False, None),
         "calibration_split": (False, "train"),
         "evaluation_split": (False, "test"),
         "field": (False, "text"),
+        **TEXT_USES,
     },
 }
 # Half the library's calibration budget (optipfair prune --calibration-tokens): a calibrated prune of
@@ -168,6 +176,13 @@ SPEED = {
     "threads": (False, 1),
     "max_spread": (False, 0.05),
 }
+# generate: the base model's own text (optipfair.generation), used where `data.calibrate_on` / `data.heal_on`
+# name `generated`. 32768 tokens: one calibration budget. Samples of 256 tokens from 63 openings, 32 at a
+# time (one sequence alone runs at ~15 tok/s on 2 cores; benchmarks/generation.py measures the batches).
+GENERATE = {"num_tokens": (False, PIPELINE_CALIBRATION_TOKENS), "seq_len": (False, 256), "seed": (False, 0),
+            "temperature": (False, 1.0), "top_p": (False, 1.0), "start": (False, "openings"),
+            "batch_size": (False, 32)}
+GENERATE_STARTS = ("openings", "bos")
 # Where prune and evaluate run a model (see params.yaml). None: 80 % of the memory available when the stage starts.
 # save_dtype: what variants and healed models are written in; auto: the base checkpoint's own dtype.
 COMPUTE = {"device": (False, "auto"), "dtype": (False, "auto"), "save_dtype": (False, "auto"),
@@ -220,11 +235,11 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ParamsError(f"{path} must be a mapping of sections (base, data, calibration, evaluate, variants)")
     where = str(path)
     unknown = set(raw) - {"base", "data", "calibration", "evaluate", "compute", "tracking", "variants", "heal", "export",
-                          "speed"}
+                          "speed", "generate"}
     if unknown:
         raise ParamsError(
             f"{where}: unknown section {sorted(unknown)[0]!r}; sections are base, data, calibration, "
-            "evaluate, compute, tracking, variants, heal, export, speed"
+            "evaluate, compute, tracking, variants, heal, export, speed, generate"
         )
     base = _sourced_section(raw, "base", BASE_SOURCES, where)
     data = _sourced_section(raw, "data", DATA_SOURCES, where, default_source="default")
@@ -246,7 +261,9 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     _check_speed(speed, where)
     variants = _variants(raw.get("variants"), where)
     heal = _heal(raw, variants, where)
-    return Params(path, base, data, calibration, evaluate, tracking, variants, heal, compute, export, speed)
+    generate = _plain_section(raw, "generate", GENERATE, where)
+    _check_generate(generate, data, calibration, heal, where)
+    return Params(path, base, data, calibration, evaluate, tracking, variants, heal, compute, export, speed, generate)
 
 
 def _check_compute(compute: Dict[str, Any], where: str) -> None:
@@ -402,6 +419,58 @@ def _check_data(data: Dict[str, Any], where: str) -> None:
             raise _fail(where, "data.evaluation_share", f"must be between 0 and 1 (e.g. 0.25), got {share!r}")
     if data["source"] == "file":
         _check_text_file(data["path"], "data.path", where)
+    for use in TEXT_USES:
+        data[use] = _text_mix(data[use], f"data.{use}", where)
+
+
+def _text_mix(value, field: str, where: str) -> Dict[str, float]:
+    """`corpus`, `generated` or {corpus: share, generated: share} as {kind: share}, shares summing to 1."""
+    if isinstance(value, str) and value in TEXT_KINDS:
+        return {value: 1.0}
+    example = "corpus, generated or a mix such as {corpus: 0.5, generated: 0.5}"
+    if not isinstance(value, dict) or not value:
+        raise _fail(where, field, f"must be {example}, got {value!r}")
+    for kind, share in value.items():
+        if kind not in TEXT_KINDS:
+            raise _fail(where, f"{field}.{kind}", f"unknown text; mix {' and '.join(TEXT_KINDS)}")
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not (math.isfinite(share) and 0 <= share <= 1):
+            raise _fail(where, f"{field}.{kind}", f"must be a share between 0 and 1, got {share!r}")
+    if not math.isclose(sum(value.values()), 1.0, abs_tol=1e-6):
+        raise _fail(where, field, f"the shares must sum to 1, got {sum(value.values()):g}: {example}")
+    return {kind: float(share) for kind, share in value.items() if share > 0}
+
+
+def uses_generated(data: Dict[str, Any]) -> bool:
+    """Whether calibration or healing reads the base model's generated text."""
+    return any("generated" in data[use] for use in TEXT_USES)
+
+
+def _check_generate(generate: Dict[str, Any], data, calibration, heal: Dict[str, HealOptions], where: str) -> None:
+    for key in ("num_tokens", "seq_len", "batch_size"):
+        _positive_int(generate[key], f"generate.{key}", where)
+    _positive_int(generate["seed"], "generate.seed", where, allow_zero=True)
+    temperature, top_p = generate["temperature"], generate["top_p"]
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+            math.isfinite(temperature) and temperature > 0):
+        raise _fail(where, "generate.temperature", f"must be a number > 0 (1: the model's own distribution), got "
+                                                   f"{temperature!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise _fail(where, "generate.top_p", f"must be a number in (0, 1] (1: no nucleus cut), got {top_p!r}")
+    if generate["start"] not in GENERATE_STARTS:
+        raise _fail(where, "generate.start", f"got {generate['start']!r}; choose one of {', '.join(GENERATE_STARTS)}")
+    # Calibration windows are used once: the generated text must hold its share of the budget. Healing
+    # reuses its windows in passes, so one window is enough.
+    needs = []
+    if "generated" in data["calibrate_on"]:
+        share = data["calibrate_on"]["generated"]
+        needs.append((max(math.ceil(share * calibration["num_tokens"]), calibration["seq_len"]),
+                      f"{share:g} of calibration.num_tokens {calibration['num_tokens']}, and one window"))
+    if "generated" in data["heal_on"]:
+        needs += [(options.seq_len, f"one window of heal.{name}.seq_len") for name, options in heal.items()]
+    for needed, what in needs:
+        if generate["num_tokens"] < needed:
+            raise _fail(where, "generate.num_tokens", f"{generate['num_tokens']} is too few: {what} need {needed}; "
+                                                      f"raise it to at least {needed}")
 
 
 def _positive_int(value, field: str, where: str, allow_zero: bool = False) -> None:

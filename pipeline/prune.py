@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 
-from optipfair.data import token_windows
 from optipfair.engine import prune_directory
 from optipfair.errors import OptionError
 from optipfair.io import load_tokenizer
@@ -18,7 +17,7 @@ from optipfair.pruning.calibration import BATCH_SIZE
 from pipeline import layout
 from pipeline.compute import placement
 from pipeline.params import BASE_NAME, Params, ParamsError
-from pipeline.texts import load_texts
+from pipeline.texts import training_windows
 
 
 def run(params: Params, name: str) -> dict:
@@ -33,9 +32,8 @@ def run(params: Params, name: str) -> dict:
     calibration = None
     if variant.needs_calibration:
         # Only activation-driven methods read text: weight-only variants skip the tokenizer entirely.
-        calibration_text, _ = load_texts(params.data)
-        calibration = token_windows(load_tokenizer(source), calibration_text, params.calibration["num_tokens"],
-                                    params.calibration["seq_len"])
+        calibration = training_windows(load_tokenizer(source), params.data, "calibrate_on",
+                                       params.calibration["num_tokens"], params.calibration["seq_len"])
     started = time.perf_counter()
     # Progress goes to stderr, so `dvc repro` shows how far a long prune is.
     try:

@@ -43,6 +43,6 @@ def width_warnings(params: Params) -> List[str]:
             continue  # the prune stage says what is wrong with these options
         if width % K_QUANT_ROW:
             lines.append(f"{params.path}: variants.{variant.name}: kept MLP width {width} is not a multiple of "
-                         f"{K_QUANT_ROW}, so {', '.join(k_quants)} store its ffn_down tensors in another type (see the "
+                         f"{K_QUANT_ROW}, so its ffn_down tensors are stored in another type than {', '.join(k_quants)} (see the "
                          f"report); set round_to: {K_QUANT_ROW} for GGUF")
     return lines

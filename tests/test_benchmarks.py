@@ -6,14 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import (big_model, common, cross_cpu, obs_speed, pipeline_timing, quality, shrinkage, speed_robustness,
+from benchmarks import (big_model, common, cross_cpu, generation, obs_speed, pipeline_timing, quality, self_calibration,
+                        shrinkage, speed_robustness,
                         vocab_memory, width_speed)
 
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 
 
 @pytest.mark.parametrize("module", [quality, shrinkage, width_speed, pipeline_timing, obs_speed, vocab_memory,
-                                    speed_robustness, cross_cpu])
+                                    speed_robustness, cross_cpu, generation, self_calibration])
 def test_every_benchmark_prints_its_usage(module, monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", [module.__name__, "--help"])
     with pytest.raises(SystemExit) as done:

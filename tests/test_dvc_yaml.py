@@ -33,7 +33,8 @@ CLI = ROOT / "pipeline" / "cli.py"
 # stage is for (`variants.${key}`), `heal_options(name)` its heal block; `check_model(name)` reads the
 # entry that defines model `name`: `heal.${key}` in a stage for `${key}+healed`, else `variants.${key}`.
 # A stage with no `${key}` (evaluate_base) reads no per-variant entry.
-SECTIONS = {"base", "data", "calibration", "evaluate", "compute", "tracking", "variants", "heal", "export", "speed"}
+SECTIONS = {"base", "data", "calibration", "evaluate", "compute", "tracking", "variants", "heal", "export", "speed",
+            "generate"}
 MODEL_ENTRY = "the entry of the stage's model"
 METHODS = {
     "variant": ("variants.${key}",),
@@ -166,7 +167,16 @@ def problems(dvc: dict, params: dict | None = None) -> List[str]:
         named = {path for key, reader in FILE_READERS.items() if key.split(".")[0] in read and reader in calls
                  for path in repo_paths(section_values(params, key))}
         found += [f"{name}: deps lack {path} (named in params.yaml)" for path in sorted(named) if not covered(path)]
+        # Outputs of other stages that a reader opens (the generated text): no import shows them.
+        found += [f"{name}: deps lack {path} (read by {reader})" for reader, path in OUTPUT_READERS.items()
+                  if reader in calls and not covered(path)]
     return found
+
+
+# A stage whose code calls the function reads that stage output: prune and heal read the generated text
+# through training_windows, always (the generate stage leaves it empty when `data:` does not use it, so
+# the dependency costs nothing then). Evaluate imports the same module but never calls it.
+OUTPUT_READERS = {"training_windows": "data/generated"}
 
 
 # params keys whose values name files of the repository, and the function that reads them: a stage
@@ -223,6 +233,13 @@ def test_a_removed_dep_is_caught(stage, dep):
     definition = dvc["stages"][stage].get("do", dvc["stages"][stage])
     definition["deps"].remove(dep)
     assert any(problem.startswith(f"{stage}: deps lack ") for problem in problems(dvc))
+
+
+@pytest.mark.parametrize("stage", ["prune", "heal"])
+def test_a_stage_that_reads_the_generated_text_depends_on_it(stage):
+    dvc = copy.deepcopy(_dvc())
+    dvc["stages"][stage]["do"]["deps"].remove("data/generated")
+    assert problems(dvc) == [f"{stage}: deps lack data/generated (read by training_windows)"]
 
 
 @pytest.mark.parametrize("stage,section", [("report", "evaluate"), ("prune", "variants.${key}"), ("download", "base"),

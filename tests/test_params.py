@@ -37,7 +37,7 @@ def test_absent_sections_take_the_defaults_written_in_the_repos_params_yaml(tmp_
     # The defaults must not drift from the file users copy: a missing field means what params.yaml says.
     written = yaml.safe_load((ROOT / "params.yaml").read_text())
     loaded = _load(tmp_path, {"base": BASE})
-    for section in ("calibration", "evaluate"):
+    for section in ("calibration", "evaluate", "generate"):
         for field, value in written[section].items():
             if (section, field) == ("evaluate", "tasks"):
                 # The one exception: the shipped task is a file of this repository, which another
@@ -250,3 +250,34 @@ def test_healing_or_evaluating_a_variant_without_heal_block_names_the_fix(tiny_m
         result = CliRunner().invoke(app, [*command, "--params", str(tmp_path / "params.yaml")])
         assert result.exit_code == 2 and "variant 'maw-25' has no heal block" in result.stderr, result.stderr
     assert not (tmp_path / "models").exists() and not (tmp_path / "reports").exists()
+
+
+def test_calibration_and_healing_read_the_corpus_unless_told_otherwise(tmp_path):
+    params = _load(tmp_path, {"base": BASE})
+    assert params.data["calibrate_on"] == params.data["heal_on"] == {"corpus": 1.0}
+    mixed = _load(tmp_path, {"base": BASE, "data": {"calibrate_on": {"corpus": 0.25, "generated": 0.75},
+                                                     "heal_on": "generated"}})
+    assert mixed.data["calibrate_on"] == {"corpus": 0.25, "generated": 0.75} and mixed.data["heal_on"] == {"generated": 1.0}
+
+
+@pytest.mark.parametrize("sections, message", [
+    ({"data": {"calibrate_on": {"corpus": 0.5, "generated": 0.4}}},
+     "data.calibrate_on: the shares must sum to 1, got 0.9"),
+    ({"data": {"heal_on": "docs"}}, "data.heal_on: must be corpus, generated or a mix"),
+    ({"data": {"calibrate_on": {"corpus": 0.5, "web": 0.5}}}, "data.calibrate_on.web: unknown text"),
+    ({"data": {"calibrate_on": {"corpus": 1.5, "generated": -0.5}}}, "data.calibrate_on.corpus: must be a share"),
+    ({"generate": {"temperature": 0}}, "generate.temperature: must be a number > 0"),
+    ({"generate": {"top_p": 1.5}}, "generate.top_p: must be a number in (0, 1]"),
+    ({"generate": {"start": "middle"}}, "generate.start: got 'middle'; choose one of openings, bos"),
+    ({"data": {"calibrate_on": "generated"}, "generate": {"num_tokens": 100}},
+     "generate.num_tokens: 100 is too few: 1 of calibration.num_tokens 32768, and one window need 32768"),
+    ({"data": {"calibrate_on": {"corpus": 0.5, "generated": 0.5}}, "generate": {"num_tokens": 16384}}, None),
+    ({"data": {"heal_on": "generated"}, "generate": {"num_tokens": 100},
+      "variants": {"vow-50": {"method": "VOW", "pruning_percentage": 50}}, "heal": {"vow-50": {"seq_len": 256}}},
+     "generate.num_tokens: 100 is too few: one window of heal.vow-50.seq_len need 256"),
+])
+def test_bad_text_mixes_and_generation_settings_are_one_line_naming_the_field(tmp_path, sections, message):
+    if message is None:
+        _load(tmp_path, {"base": BASE, **sections})
+    else:
+        assert message in _error(tmp_path, {"base": BASE, **sections})

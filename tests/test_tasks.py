@@ -27,8 +27,11 @@ pytest.importorskip("lm_eval", reason="the [tasks] extra is not installed")
 
 LOCAL_TASK = ROOT / "tasks" / "python_docs.yaml"
 QUESTIONS = [json.loads(line) for line in (ROOT / "tasks" / "python_docs.jsonl").read_text().splitlines()]
-CLOZE_TASK = ROOT / "tasks" / "everyday_cloze.yaml"
-SENTENCES = [json.loads(line) for line in (ROOT / "tasks" / "everyday_cloze.jsonl").read_text().splitlines()]
+# The cloze tasks written for the repository: (task YAML, its items, how many it must hold at least).
+# commonsense_cloze holds 200 or more, so that a difference of 0.1 between two models exceeds twice its stderr.
+CLOZES = {name: (ROOT / "tasks" / f"{name}.yaml",
+                 [json.loads(line) for line in (ROOT / "tasks" / f"{name}.jsonl").read_text().splitlines()], least)
+          for name, least in (("everyday_cloze", 100), ("commonsense_cloze", 200))}
 
 
 def _words(text: str) -> list:
@@ -50,37 +53,44 @@ def test_the_local_task_shares_no_six_words_with_the_documentation_text():
         assert not shared, (item["question"], shared)
 
 
-def test_the_cloze_task_is_well_formed():
-    assert len(SENTENCES) >= 100
-    for item in SENTENCES:
+@pytest.mark.parametrize("name", CLOZES)
+def test_the_cloze_task_is_well_formed(name):
+    _, sentences, least = CLOZES[name]
+    assert len(sentences) >= least
+    for item in sentences:
         assert set(item) == {"topic", "context", "choices", "answer"}, item
         choices = item["choices"]
         assert len(choices) == 4 and len({c.lower() for c in choices}) == 4, item
         assert all(c.strip() == c and c for c in choices), item  # lm-eval adds the space before a choice
         assert isinstance(item["answer"], int) and 0 <= item["answer"] < 4, item
         assert item["context"].strip() == item["context"] and item["context"][-1] not in ".?!", item
-    contexts = [item["context"].lower() for item in SENTENCES]
+    contexts = [item["context"].lower() for item in sentences]
     assert len(set(contexts)) == len(contexts), "a sentence is given twice"
+    others = {item["context"].lower() for other in CLOZES if other != name for item in CLOZES[other][1]}
+    assert not set(contexts) & others, "a sentence of another cloze task"
     # The right answer sits at each position about as often: no position bias to exploit.
-    positions = [sum(item["answer"] == k for item in SENTENCES) for k in range(4)]
-    assert min(positions) >= len(SENTENCES) // 6, positions
+    positions = [sum(item["answer"] == k for item in sentences) for k in range(4)]
+    assert min(positions) >= len(sentences) // 6, positions
 
 
-def test_the_cloze_task_shares_no_six_words_with_the_documentation_text():
+@pytest.mark.parametrize("name", CLOZES)
+def test_the_cloze_task_shares_no_six_words_with_the_documentation_text(name):
     # Everyday sentences, unlike the calibration text (Python's documentation), so no variant is
     # flattered by having seen a sentence while being fitted.
     calibration, evaluation = default_texts()
     seen = _grams(calibration) | _grams(evaluation)
-    for item in SENTENCES:
+    for item in CLOZES[name][1]:
         for choice in item["choices"]:
             shared = _grams(item["context"] + " " + choice) & seen
             assert not shared, (item["context"], choice, shared)
 
 
-def test_the_cloze_task_runs_through_lm_eval_with_every_sentence(tiny_tokenizer):
+@pytest.mark.parametrize("name", CLOZES)
+def test_the_cloze_task_runs_through_lm_eval_with_every_sentence(tiny_tokenizer, name):
+    task, sentences, _ = CLOZES[name]
     model = make_tiny_model("llama")
-    result = run_tasks(model, tiny_tokenizer, [TaskOptions(str(CLOZE_TASK))])["everyday_cloze"]
-    assert result["metric"] == "acc" and result["samples"] == len(SENTENCES)
+    result = run_tasks(model, tiny_tokenizer, [TaskOptions(str(task))])[name]
+    assert result["metric"] == "acc" and result["samples"] == len(sentences)
     assert 0 <= result["value"] <= 1 and 0 < result["stderr"] < 0.1
 
 

@@ -1,0 +1,154 @@
+"""Calibrate and heal on the base model's own text: does the pruned model stay closer to the whole base model?
+
+For each AUTO percentage and each calibration text (docs: the calibration part of Python's docs, as the
+pipeline's default; generated: text the base model wrote, `optipfair.generation`, as the generate stage
+writes it; mixed: half each), the pruned model is measured unhealed, then healed on the same text with
+the KL term alone (label_weight 0) and with the library's default (label_weight 1). Columns:
+
+- perplexity, as a multiple of the base model's: in domain (the docs' held-out part), the license texts,
+  Python source code (the stdlib modules benchmarks/heal.py reads): none of them is generated, the last
+  two in no calibration text;
+- accuracy on the local tasks everyday_cloze (135 items) and commonsense_cloze (229 items).
+
+Rows are saved as they finish (`--keep` resumes a run), so a long table can be built in pieces:
+
+    python -m benchmarks.self_calibration --percentages 35 --keep        # one row group: ~40 min on 2 cores
+    python -m benchmarks.self_calibration --percentages 20 35 50 --keep  # the whole table
+
+The generated text is made once and kept in --generated-file (default: benchmarks/scratch/generated.txt,
+git-ignored). Writes benchmarks/results/self_calibration.md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import DEFAULT_MODEL, RESULTS, ROOT, command, out_of_domain_text, require_model, shown
+
+TASKS = ("tasks/everyday_cloze.yaml", "tasks/commonsense_cloze.yaml")
+SOURCES = {"docs": {"corpus": 1.0}, "generated": {"generated": 1.0}, "mixed": {"corpus": 0.5, "generated": 0.5}}
+HEALINGS = {"unhealed": None, "healed, KL only": 0.0, "healed, default (labels 1)": 1.0}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.self_calibration", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--percentages", type=float, nargs="+", default=[35])
+    parser.add_argument("--sources", nargs="+", default=list(SOURCES), choices=list(SOURCES))
+    # 128: as the pipeline's auto-35 (params.yaml), so the 35 % docs row is that variant.
+    parser.add_argument("--round-to", type=int, default=128)
+    parser.add_argument("--calibration-tokens", type=int, default=32768)
+    parser.add_argument("--heal-tokens", type=int, default=4096)
+    parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--generated-file", type=Path, default=ROOT / "benchmarks" / "scratch" / "generated.txt")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--keep", action="store_true", help="keep the rows of an earlier run, add the missing ones")
+    args = parser.parse_args()
+    require_model(args.model)
+    torch.set_num_threads(args.threads)
+
+    import optipfair
+    from optipfair.data import default_texts, token_windows
+    from optipfair.generation import generate_text
+    from optipfair.healing import HealOptions, heal
+    from optipfair.io import load_model
+    from optipfair.tasks import TaskOptions, run_tasks
+    from benchmarks.heal import python_code_text, evaluate
+    from pipeline.generate import OPENINGS
+    from pipeline.params import GENERATE
+
+    base, tokenizer = load_model(str(args.model), "cpu", "float32")
+    if not args.generated_file.is_file():
+        settings = {key: default for key, (_, default) in GENERATE.items()}
+        started = time.perf_counter()
+        generated = generate_text(base, tokenizer, args.calibration_tokens, settings["seq_len"], seed=settings["seed"],
+                                  temperature=settings["temperature"], top_p=settings["top_p"],
+                                  openings=OPENINGS.read_text().splitlines(), batch_size=settings["batch_size"],
+                                  show_progress=True)
+        print(f"generated {generated.tokens} tokens in {time.perf_counter() - started:.0f} s", flush=True)
+        args.generated_file.parent.mkdir(parents=True, exist_ok=True)
+        args.generated_file.write_text(generated.text, encoding="utf-8")
+    texts = {"corpus": default_texts()[0], "generated": args.generated_file.read_text(encoding="utf-8")}
+    windows = {"in_domain": token_windows(tokenizer, default_texts()[1], args.eval_tokens, args.seq_len),
+               "licenses": token_windows(tokenizer, out_of_domain_text(), args.eval_tokens, args.seq_len),
+               "python_code": token_windows(tokenizer, python_code_text(), args.eval_tokens, args.seq_len)}
+    tasks = [TaskOptions(str(ROOT / task)) for task in TASKS]
+
+    def measure(model) -> dict:
+        scores = run_tasks(model, tokenizer, tasks)
+        return {**evaluate(model, windows), **{name: round(s["value"], 3) for name, s in scores.items()}}
+
+    def mixed_windows(mix: dict, tokens: int) -> torch.Tensor:
+        total = tokens // args.seq_len
+        counts = {kind: round(share * total) for kind, share in mix.items()}
+        return torch.cat([token_windows(tokenizer, texts[kind], n * args.seq_len, args.seq_len)
+                          for kind, n in counts.items() if n])
+
+    path = RESULTS / "self_calibration.json"
+    rows = json.loads(path.read_text())["rows"] if args.keep and path.exists() else []
+    done = {(r["percentage"], r["calibration"], r["healing"]) for r in rows}
+
+    def save() -> None:
+        info = {"command": command("benchmarks.self_calibration"), "model": shown(args.model), "threads": args.threads,
+                "calibration_tokens": args.calibration_tokens, "heal_tokens": args.heal_tokens,
+                "eval_tokens": args.eval_tokens, "seq_len": args.seq_len, "rows": rows}
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(info, indent=2) + "\n")
+        (RESULTS / "self_calibration.md").write_text(markdown(info))
+
+    if (0, "-", "base") not in done:
+        rows.append({"percentage": 0, "calibration": "-", "healing": "base", **measure(base)})
+        save()
+    for percentage in args.percentages:
+        for source in args.sources:
+            if all((percentage, source, healing) in done for healing in HEALINGS):
+                continue
+            calibration = mixed_windows(SOURCES[source], args.calibration_tokens)
+            pruned = copy.deepcopy(base)
+            started = time.perf_counter()
+            optipfair.prune_model(pruned, neuron_selection_method="AUTO", pruning_percentage=percentage,
+                                  calibration_data=calibration, round_to=args.round_to, show_progress=False)
+            prune_seconds = time.perf_counter() - started
+            healing_windows = mixed_windows(SOURCES[source], args.heal_tokens)
+            for healing, label_weight in HEALINGS.items():
+                if (percentage, source, healing) in done:
+                    continue
+                model = pruned
+                if label_weight is not None:
+                    model = copy.deepcopy(pruned)
+                    heal(model, base, healing_windows, HealOptions(num_tokens=args.heal_tokens, seq_len=args.seq_len,
+                                                                   label_weight=label_weight), show_progress=False)
+                rows.append({"percentage": percentage, "calibration": source, "healing": healing,
+                             "prune_seconds": round(prune_seconds, 1), "load_average": round(os.getloadavg()[0], 1),
+                             **measure(model)})
+                print(rows[-1], flush=True)
+                save()
+
+
+def markdown(info: dict) -> str:
+    base = next(r for r in info["rows"] if r["healing"] == "base")
+    lines = [f"# Calibration and healing on the base model's own text ({info['model']}, AUTO, {info['threads']} CPU "
+             "threads)", "", f"`{info['command']}`", "",
+             f"Calibration {info['calibration_tokens']} tokens, healing {info['heal_tokens']} tokens on the "
+             f"calibration text, windows of {info['seq_len']}; perplexity on {info['eval_tokens']} tokens of each text, "
+             "as a multiple of the base model's (base: its perplexity); tasks: acc.", "",
+             "| % | calibration | healing | in domain | licenses | python code | everyday_cloze | commonsense_cloze |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in info["rows"]:
+        ratios = [f"{r[k]:.2f}" if r is base else f"×{r[k] / base[k]:.2f}" for k in ("in_domain", "licenses", "python_code")]
+        lines.append(f"| {r['percentage']:g} | {r['calibration']} | {r['healing']} | {' | '.join(ratios)} | "
+                     f"{r.get('everyday_cloze', float('nan')):.3f} | {r.get('commonsense_cloze', float('nan')):.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
