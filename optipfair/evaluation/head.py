@@ -15,9 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Logits computed at once by the head (float32): 64 MiB, 64 positions of a 262k vocabulary, an eighth
-# of one 512-token window of a 128k vocabulary; the cross-entropy's log-softmax takes as much again.
-HEAD_CHUNK_LOGITS = 2**24
+# Logits computed at once by the head (float32): 16 MiB, 16 positions of a 262k vocabulary, 85 of
+# SmolLM2's 49k. Healing keeps about ten chunk-sized tensors alive at once (both models' logits, their
+# log-softmaxes, the KL's and cross-entropy's gradients): at 2^24 (64 MiB) they took 0.7 GiB and healing
+# peaked 1.16 GiB above its models and state on a 262k vocabulary; at 2^22, 0.87 GiB
+# (benchmarks/results/vocab_memory.md).
+HEAD_CHUNK_LOGITS = 2**22
 
 
 def decoder_body(model: nn.Module) -> nn.Module:
