@@ -32,15 +32,10 @@ from optipfair.streaming import perplexity_checkpoint
 from optipfair.io import load_model, load_skeleton, load_tokenizer
 from optipfair.tasks import run_tasks
 from pipeline import layout
+from pipeline.layout import PERPLEXITY_DIGITS
 from pipeline.compute import placement
 from pipeline.params import BASE_NAME, Params, task_options
 from pipeline.texts import load_out_of_domain_text, load_texts
-
-# Perplexities are tracked (reports/metrics, dvc.lock) to 2 decimals, a precision the float noise between
-# CPU kinds does not reach: auto-35, the same bytes, read 16.21941 / 38.34808 with ATen's AVX-512 kernels
-# and 16.21925 / 38.34773 with its AVX2 ones (1e-5 relative; benchmarks/results/cross_cpu.md). At 4
-# decimals another CPU left the metrics files modified; 0.01 is 30-60 times that noise.
-PERPLEXITY_DIGITS = 2
 
 
 def run(params: Params, name: str) -> Dict[str, float]:

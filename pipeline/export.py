@@ -70,8 +70,8 @@ def _measure(item, windows) -> dict:
     inside, outside = gguf_perplexities(item.path, windows)  # one load of the model for both texts
     return {
         "size_mb": round(item.size_bytes / 2**20, 2),
-        "perplexity": round(inside, 4),
-        "perplexity_out_of_domain": round(outside, 4),
+        "perplexity": round(inside, layout.PERPLEXITY_DIGITS),
+        "perplexity_out_of_domain": round(outside, layout.PERPLEXITY_DIGITS),
         "eval_tokens": int(in_domain.numel()),
         "fallbacks": fallback_summary(item.fallbacks),
     }

@@ -12,6 +12,13 @@ from typing import Any, Iterable, List
 
 from optipfair.io import remove_directory, write_bytes_atomic  # write_bytes_atomic: the stages write through layout
 
+# Perplexities are tracked (reports/metrics, reports/gguf, dvc.lock) to 2 decimals, a precision the float noise between
+# CPU kinds does not reach: auto-35, the same bytes, read 16.21941 / 38.34808 with ATen's AVX-512 kernels
+# and 16.21925 / 38.34773 with its AVX2 ones (1e-5 relative; benchmarks/results/cross_cpu.md). At 4
+# decimals another CPU left the metrics files modified; 0.01 is 30-60 times that noise. llama.cpp
+# (reports/gguf) picks its kernels per CPU too.
+PERPLEXITY_DIGITS = 2
+
 MODELS = Path("models")
 REPORTS = Path("reports")
 METRICS = REPORTS / "metrics"
