@@ -293,12 +293,15 @@ def new_dvc_project(root: Path, params: dict) -> Path:
     """A git + DVC repository at `root` holding this checkout's pipeline and library, with `params`.
 
     `heal: {}` is added when `params` has no `heal:` section: dvc.yaml loops over it; `export: {formats: []}`
-    when it has no `export:`; `generate: {}` when it has no `generate:` (the generate stage reads it).
+    when it has no `export:`; `generate: {}` when it has no `generate:` (the generate stage reads it); one short
+    speed round when it has no `speed:`.
     """
     # DVC reads `compute` as a whole section (prune and evaluate depend on it): it must be there, even empty.
     # `export` too (export@<model> reads it); no formats unless a test asks: they need llama.cpp built.
     params = {**params, "heal": params.get("heal", {}), "compute": params.get("compute", {}),
               "generate": params.get("generate", {}),
+              # speed@<variant> reads it: one short round, tiny models time in no time
+              "speed": params.get("speed", {"prefill_tokens": 16, "new_tokens": 2, "rounds": 1}),
               "export": params.get("export", {"formats": []})}
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for folder in ("pipeline", "optipfair", "tasks"):

@@ -60,7 +60,7 @@ def project(built, tmp_path):
 
 
 ALL_STAGES = {
-    "validate", "download", "analyze", "prune@maw-25", "prune@vow-50", "evaluate_base",
+    "validate", "download", "analyze", "generate", "prune@maw-25", "prune@vow-50", "evaluate_base",
     "evaluate@maw-25", "evaluate@vow-50", "export_base", "export@maw-25", "export@vow-50", "speed@maw-25", "speed@vow-50",
     "report", "track",
 }
