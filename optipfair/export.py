@@ -227,8 +227,10 @@ def _load(path: str | Path, n_ctx: int, threads: Optional[int], logits_all: bool
     llama_cpp = _bindings()
     threads = threads or _threads()
     try:
+        # flash_attn: llama.cpp's own tools (llama-cli, llama-server, llama-perplexity) turn it on wherever the
+        # device supports it, a CPU included; the bindings default to off. 10 % less time for perplexity here.
         return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=logits_all,
-                               n_threads=threads, n_threads_batch=threads, verbose=False)
+                               n_threads=threads, n_threads_batch=threads, flash_attn=True, verbose=False)
     except ValueError as error:  # the bindings hide llama.cpp's log; llama-bench shows why
         raise OptiPFairError(f"llama.cpp cannot load {path} ({error}); run llama-bench -m {path} to see why") from None
 

@@ -259,15 +259,16 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
         raise
 
 
-# Set to an output's file or directory name, the process writing it stops itself (SIGSTOP) once that
-# output is staged whole, just before its rename: tests/test_faults.py kills it there, at a point the
-# process signals rather than after a guessed delay that a fast stage or a busy machine outruns.
+# Set to an output's file or directory name (or several, separated by os.pathsep), the process writing it
+# stops itself (SIGSTOP) once that output is staged whole, just before its rename: tests kill it there, or
+# hold two stages there at once, at a point the process signals rather than after a guessed delay that a
+# fast stage or a busy machine outruns.
 PAUSE_BEFORE_RENAME = "OPTIPFAIR_PAUSE_BEFORE_RENAME"
 
 
 def pause_before_rename(target: Path) -> None:
     """Stop this process here if PAUSE_BEFORE_RENAME names `target`; it goes on when sent SIGCONT."""
-    if os.environ.get(PAUSE_BEFORE_RENAME) == Path(target).name:
+    if Path(target).name in os.environ.get(PAUSE_BEFORE_RENAME, "").split(os.pathsep):
         os.kill(os.getpid(), signal.SIGSTOP)
 
 

@@ -49,6 +49,21 @@ def _run(step: Callable[[Params], object], params_file: Path) -> object:
         raise typer.Exit(130) from None
 
 
+def _portable(step: Callable[[Params], object]) -> Callable[[Params], object]:
+    """`step`, run with the CPU kernels pinned first unless `compute.portable` is false.
+
+    dvc.lock holds the models' hashes of prune and heal: pinned, the same on any x86 CPU with AVX2 (README,
+    Reproducibility). Pinning works in a process of its own, as dvc runs a stage, before its first tensor
+    operation (reading the params file does none); in a process that already computed it changes nothing.
+    """
+    def run(params: Params) -> object:
+        if params.compute["portable"]:
+            pin_cpu_kernels()
+        return step(params)
+
+    return run
+
+
 @app.command()
 def validate(params: Path = PARAMS_OPTION) -> None:
     """Check the params file and list the models it defines; remove what was built for models it no longer names.
@@ -110,12 +125,9 @@ def prune(
     params: Path = PARAMS_OPTION,
 ) -> None:
     """Build one pruned variant from models/base into models/<variant>."""
-    # dvc.lock holds the model's hash: the same on any x86 CPU (README, Reproducibility). It pins in a process of
-    # its own, as dvc runs the stage; called in a process that already computed, it changes nothing.
-    pin_cpu_kernels()
     from pipeline import prune as stage
 
-    stats = _run(lambda p: stage.run(p, variant), params)
+    stats = _run(_portable(lambda p: stage.run(p, variant)), params)
     typer.echo(
         f"{variant}: {stats['original_parameters'] / 1e6:.1f}M -> {stats['pruned_parameters'] / 1e6:.1f}M "
         f"parameters in {stats['pruning_seconds']}s, saved to models/{variant}"
@@ -130,10 +142,9 @@ def heal(
     params: Path = PARAMS_OPTION,
 ) -> None:
     """Train models/<variant> to match models/base again, into models/<variant>+healed."""
-    pin_cpu_kernels()  # as prune: the healed model's hash is in dvc.lock
     from pipeline import heal as stage
 
-    record = _run(lambda p: stage.run(p, variant), params)
+    record = _run(_portable(lambda p: stage.run(p, variant)), params)
     losses = [point["loss"] for point in record["loss"]]
     typer.echo(
         f"{variant}: healed on {record['tokens']} tokens in {record['steps']} steps ({record['seconds']}s), "

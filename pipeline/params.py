@@ -78,7 +78,7 @@ class Params:
     tracking: Dict[str, Any]
     variants: Dict[str, Variant]
     heal: Dict[str, HealOptions]  # variant name -> how its healed model is trained; only healed variants
-    compute: Dict[str, Any]  # device, dtype, memory_budget_gib
+    compute: Dict[str, Any]  # device, dtype, save_dtype, memory_budget_gib, portable
     # formats: the GGUF formats every model is exported to (optipfair.export); [] exports nothing.
     export: Dict[str, Any] = field(default_factory=lambda: {"formats": []})
     # how speed is timed (pipeline/speed.py): SPEED's fields
@@ -186,7 +186,7 @@ GENERATE_STARTS = ("openings", "bos")
 # Where prune and evaluate run a model (see params.yaml). None: 80 % of the memory available when the stage starts.
 # save_dtype: what variants and healed models are written in; auto: the base checkpoint's own dtype.
 COMPUTE = {"device": (False, "auto"), "dtype": (False, "auto"), "save_dtype": (False, "auto"),
-           "memory_budget_gib": (False, None)}
+           "memory_budget_gib": (False, None), "portable": (False, True)}
 # export: GGUF formats written and measured in llama.cpp for every model. Q4_K_M is what most llama.cpp users
 # run. Each format costs under a minute per model of SmolLM2-135M on 2 idle cores (perplexity on both texts:
 # ~40 s; base at a load average of 15: convert + quantize 52 s, perplexity 153 CPU-seconds), so the default is
@@ -281,6 +281,8 @@ def _check_compute(compute: Dict[str, Any], where: str) -> None:
         check_save_dtype(compute["save_dtype"])
     except OptionError as error:
         raise _fail(where, f"compute.{error.field}", error.problem) from None
+    if not isinstance(compute["portable"], bool):
+        raise _fail(where, "compute.portable", f"must be true or false, got {compute['portable']!r}")
     budget = compute["memory_budget_gib"]
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0):
         raise _fail(where, "compute.memory_budget_gib", f"must be a positive number of GiB (or absent), got {budget!r}")

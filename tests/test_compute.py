@@ -78,6 +78,7 @@ def test_models_over_the_memory_budget_are_pruned_and_evaluated_out_of_core(proj
     ({"save_dtype": "float64"}, "compute.save_dtype", "models can be saved in float32, float16, bfloat16"),
     ({"memory_budget_gib": 0}, "compute.memory_budget_gib", "must be a positive number of GiB"),
     ({"memory_budget_gib": "lots"}, "compute.memory_budget_gib", "must be a positive number of GiB"),
+    ({"portable": "yes"}, "compute.portable", "must be true or false"),
     ({"devices": "cpu"}, "compute.devices", "unknown field"),
 ])
 def test_a_bad_compute_section_is_refused_in_one_line_naming_the_field(compute, field, problem, project):
@@ -100,3 +101,27 @@ def test_healing_over_the_memory_budget_stops_with_the_reason_before_training(pr
     assert result.exit_code != 0
     assert "heal.auto-25: healing needs about" in result.output and "compute.memory_budget_gib" in result.output
     assert not (project / "models/auto-25+healed").exists()
+
+
+@pytest.mark.parametrize("portable, capability", [(None, "AVX2"), (True, "AVX2"), (False, "DEFAULT")])
+def test_prune_and_heal_pin_the_cpu_kernels_unless_compute_portable_is_false(portable, capability, project):
+    """Pinned by default (the models' hashes in dvc.lock hold on any x86 CPU); `portable: false` keeps the CPU's own
+    (faster) kernels. A process of its own, as dvc runs a stage: kernels are chosen at the first tensor operation."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    if not torch.cpu._is_avx2_supported():
+        pytest.skip("this CPU has no AVX2 kernels to pin")
+    compute = {} if portable is None else {"portable": portable}
+    params = {**PARAMS, "base": {"source": "local", "path": str(project / "models/base")}, "compute": compute}
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    # What the stage's step sees: the kernels in use once the params are read and the choice is made.
+    code = ("import torch; from pipeline.cli import _portable; from pipeline.params import load_params; "
+            "print(_portable(lambda p: torch.backends.cpu.get_cpu_capability())(load_params('params.yaml')))")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ATEN_CPU_CAPABILITY": "default"}  # not what pinning picks
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == capability

@@ -232,8 +232,30 @@ def _experiments(project: Path) -> dict:
     return found
 
 
+def _stopped_prunes(project: Path) -> list:
+    """Process ids of `pipeline.cli prune` processes working in `project` (or its experiments' copies) that
+    have stopped themselves (state T)."""
+    import os
+
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state = stat.read_text().rsplit(")", 1)[1].split()[0]
+            command = (stat.parent / "cmdline").read_bytes().split(b"\0")
+            folder = os.readlink(stat.parent / "cwd")
+        except (OSError, IndexError):  # gone meanwhile, or not ours to read
+            continue
+        if state == "T" and b"pipeline.cli" in command and b"prune" in command and folder.startswith(str(project)):
+            found.append(int(stat.parent.name))
+    return found
+
+
 def test_queued_experiments_run_two_variants_in_parallel(project):
+    import os
+    import signal
     import time
+
+    from optipfair.io import PAUSE_BEFORE_RENAME
 
     # Each queued experiment runs in its own temporary copy of the repository: an absolute store keeps
     # their MLflow runs together (a relative sqlite:///mlflow.db would land in the copies and be lost).
@@ -242,31 +264,33 @@ def test_queued_experiments_run_two_variants_in_parallel(project):
     _git(project, "commit", "-q", "-m", "built")
     _dvc(project, "exp", "run", "--queue", "-n", "maw-30", "-S", "variants.maw-25.pruning_percentage=30", **store)
     _dvc(project, "exp", "run", "--queue", "-n", "vow-40", "-S", "variants.vow-50.pruning_percentage=40", **store)
-    # `dvc queue start` waits for its workers here (no terminal). Each worker runs its experiment in a
-    # temporary copy of the repository, made when it starts and removed when it ends: two copies at
-    # once are two experiments running at once. Listing a folder every 0.1 s cannot miss that overlap
-    # the way polling `dvc queue status` (itself seconds per call on a loaded machine) could.
-    workspaces = project / ".dvc" / "tmp" / "exps"
+    # Each experiment's prune stops itself just before it renames its model into place (a point it signals,
+    # not a guessed delay). Both stopped at once is the proof that the two ran in parallel; run one after the
+    # other, the first would wait there for ever and the deadline below would fail the test.
+    # (`dvc queue start` waits for its workers here: no terminal.)
+    paused = {PAUSE_BEFORE_RENAME: os.pathsep.join(["maw-25", "vow-50"])}
     starter = subprocess.Popen([str(BIN / "dvc"), "queue", "start", "-j", "2"], cwd=project,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dvc_env(**store))
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dvc_env(**store, **paused))
     try:
-        most_running, deadline, asked = 0, time.monotonic() + 900, 0.0
-        while time.monotonic() < deadline:
-            running = [p for p in workspaces.glob("tmp*") if p.is_dir()] if workspaces.is_dir() else []
-            most_running = max(most_running, len(running))
-            if starter.poll() is not None and time.monotonic() - asked > 2:  # workers may outlive the starter
-                asked = time.monotonic()
-                if not re.search(r"\b(Running|Queued)\b", _dvc(project, "queue", "status").stdout):
-                    break
-            time.sleep(0.1)
+        stopped, deadline = [], time.monotonic() + 900
+        while len(stopped) < 2 and time.monotonic() < deadline:
+            time.sleep(1)  # how often to look, not how long anything takes
+            stopped = _stopped_prunes(project)
+        assert len(stopped) == 2, "the two queued experiments' prunes were never running at the same time"
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        while starter.poll() is None or re.search(r"\b(Running|Queued)\b", _dvc(project, "queue", "status").stdout):
+            assert time.monotonic() < deadline, "the queued experiments did not finish"
+            time.sleep(2)  # workers may outlive the starter
     finally:
         if starter.poll() is None:
             subprocess.run([str(BIN / "dvc"), "queue", "kill", "maw-30", "vow-40"], cwd=project, capture_output=True,
                            env=dvc_env())
+            for pid in _stopped_prunes(project):
+                os.kill(pid, signal.SIGKILL)
         starter.wait(timeout=120)
     status = _dvc(project, "queue", "status").stdout
     assert len(re.findall(r"\bSuccess\b", status)) == 2, status
-    assert most_running == 2, "the two queued experiments never ran at the same time"
 
     experiments = _experiments(project)
     workspace = experiments["workspace"]
