@@ -91,6 +91,12 @@ def llama_cpp_home() -> Path:
     return Path(os.environ.get("OPTIPFAIR_LLAMA_CPP") or Path(__file__).resolve().parent.parent / ".llama.cpp")
 
 
+def llama_cpp_build() -> Optional[str]:
+    """What tools/build_llama_cpp.sh built (the llama-cpp-python version and the CPU extensions), or None."""
+    stamp = llama_cpp_home() / "VERSION"
+    return stamp.read_text().strip() if stamp.is_file() else None
+
+
 def _install_hint(home: Path) -> str:
     return (f"llama.cpp is not installed ({home} has no llama-quantize): run tools/build_llama_cpp.sh in the optipfair "
             f"checkout (llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}'s llama.cpp, 10 CPU-minutes of compiling), or set "

@@ -136,13 +136,21 @@ def _compare(params: Params, base: dict, variant: dict, cpu_time: bool) -> dict:
 
 
 def _inputs(params: Params, name: str) -> dict:
-    """What a record was measured on: this host, the settings, and the model files (names, sizes, times)."""
+    """What a record was measured on: this host, the settings, the engines' builds, and the model files
+    (names, sizes, times)."""
+    import torch
+    import transformers
+
+    from optipfair.export import llama_cpp_build
+
     folders = [layout.model_dir(BASE_NAME), layout.model_dir(name)]
     files = [file for folder in folders for file in sorted(folder.glob("*.safetensors"))]
     files += [layout.gguf_file(model, fmt) for fmt in params.export["formats"] for model in (BASE_NAME, name)]
     stamps = {file.as_posix(): [file.stat().st_size, file.stat().st_mtime_ns] for file in files if file.is_file()}
     return {"host": platform.node(), "speed": params.speed, "compute": params.compute,
             "formats": params.export["formats"],
+            "engines": {"torch": torch.__version__, "transformers": transformers.__version__,
+                        "llama.cpp": llama_cpp_build() if params.export["formats"] else None},
             "files": hashlib.sha256(json.dumps(stamps, sort_keys=True).encode()).hexdigest()[:20]}
 
 

@@ -68,6 +68,22 @@ def test_a_record_of_this_machine_for_the_same_models_is_reused_and_a_rebuilt_mo
     assert "measured before" not in capsys.readouterr().err
 
 
+def test_another_llama_cpp_build_is_timed_again(project, tmp_path, monkeypatch, capsys):
+    # tools/build_llama_cpp.sh stamps what it built (version, CPU extensions): AVX-512 or not changes the speed.
+    home = tmp_path / "llama.cpp"
+    home.mkdir()
+    (home / "VERSION").write_text("0.3.36 -DGGML_AVX2=ON\n")
+    monkeypatch.setenv("OPTIPFAIR_LLAMA_CPP", str(home))
+    _write_params(project, formats=["Q4_K_M"])
+    first = speed.run(load_params(), "v")
+    capsys.readouterr()
+    assert speed.run(load_params(), "v") == first
+    assert "measured before on this machine" in capsys.readouterr().err
+    (home / "VERSION").write_text("0.3.36 -DGGML_AVX2=ON -DGGML_AVX512=ON\n")
+    speed.run(load_params(), "v")
+    assert "measured before" not in capsys.readouterr().err
+
+
 def test_a_format_that_was_not_exported_is_recorded_as_not_timed(project):
     _write_params(project, formats=["Q4_K_M"])
     record = speed.run(load_params(), "v")
