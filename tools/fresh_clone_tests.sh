@@ -23,7 +23,7 @@ timed() {  # timed LOG COMMAND...: run it, append its exit status and wall time 
 }
 
 timed "$OUT/run1.log" bash -c 'python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 &&
-    pip install -e ".[dev,tasks,heal]" && tools/build_llama_cpp.sh && python -m pytest -q'
+    pip install -c constraints.txt -e ".[dev,tasks,heal]" && tools/build_llama_cpp.sh && python -m pytest -q'
 failed=$?
 . .venv/bin/activate
 timed "$OUT/run2.log" python -m pytest -q || failed=1
