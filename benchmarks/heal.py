@@ -97,6 +97,25 @@ def python_code_text() -> str:
     return "\n\n".join(inspect.getsource(__import__(name)) for name in SOURCE_MODULES)
 
 
+def package_readmes_text(chars_per_package: int = 1500) -> str:
+    """English prose of another kind: the opening paragraphs of the installed packages' READMEs, by name.
+
+    Prose paragraphs only (no badges, HTML, tables or code), at most `chars_per_package` each, so the
+    evaluation windows span many packages. The versions are constraints.txt's, so the text is the same
+    wherever the README's install ran.
+    """
+    from importlib.metadata import distributions
+
+    readmes = {}
+    for dist in distributions():
+        name, description = dist.metadata["Name"], dist.metadata.get_payload() or ""
+        prose = [p.strip() for p in description.split("\n\n")
+                 if len(p.strip()) > 80 and not p.strip().startswith(("[!", "<", "```", "|", "..", ">>>", "$"))]
+        if name and name.lower() != "optipfair" and prose:
+            readmes.setdefault(name.lower(), "\n\n".join(prose)[:chars_per_package])
+    return "\n\n".join(readmes[name] for name in sorted(readmes))
+
+
 def eval_windows(tokenizer, tokens: int, seq_len: int) -> dict:
     from optipfair.data import default_texts, token_windows
 

@@ -6,8 +6,8 @@ writes it; mixed: half each), the pruned model is measured unhealed, then healed
 the KL term alone (label_weight 0) and with the library's default (label_weight 1). Columns:
 
 - perplexity, as a multiple of the base model's: in domain (the docs' held-out part), the license texts,
-  Python source code (the stdlib modules benchmarks/heal.py reads): none of them is generated, the last
-  two in no calibration text;
+  Python source code (the stdlib modules benchmarks/heal.py reads), package READMEs (the long descriptions
+  of the installed packages): none of them is generated, the last three in no calibration text;
 - accuracy on the local tasks everyday_cloze (135 items) and commonsense_cloze (229 items).
 
 Rows are saved as they finish (`--keep` resumes a run), so a long table can be built in pieces:
@@ -62,7 +62,7 @@ def main() -> None:
     from optipfair.healing import HealOptions, heal
     from optipfair.io import load_model
     from optipfair.tasks import TaskOptions, run_tasks
-    from benchmarks.heal import python_code_text, evaluate
+    from benchmarks.heal import package_readmes_text, python_code_text, evaluate
     from pipeline.generate import OPENINGS
     from pipeline.params import GENERATE
 
@@ -80,7 +80,8 @@ def main() -> None:
     texts = {"corpus": default_texts()[0], "generated": args.generated_file.read_text(encoding="utf-8")}
     windows = {"in_domain": token_windows(tokenizer, default_texts()[1], args.eval_tokens, args.seq_len),
                "licenses": token_windows(tokenizer, out_of_domain_text(), args.eval_tokens, args.seq_len),
-               "python_code": token_windows(tokenizer, python_code_text(), args.eval_tokens, args.seq_len)}
+               "python_code": token_windows(tokenizer, python_code_text(), args.eval_tokens, args.seq_len),
+               "readmes": token_windows(tokenizer, package_readmes_text(), args.eval_tokens, args.seq_len)}
     tasks = [TaskOptions(str(ROOT / task)) for task in TASKS]
 
     def measure(model) -> dict:
@@ -141,10 +142,10 @@ def markdown(info: dict) -> str:
              f"Calibration {info['calibration_tokens']} tokens, healing {info['heal_tokens']} tokens on the "
              f"calibration text, windows of {info['seq_len']}; perplexity on {info['eval_tokens']} tokens of each text, "
              "as a multiple of the base model's (base: its perplexity); tasks: acc.", "",
-             "| % | calibration | healing | in domain | licenses | python code | everyday_cloze | commonsense_cloze |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| % | calibration | healing | in domain | licenses | python code | package READMEs | everyday_cloze | "
+             "commonsense_cloze |", "|---|---|---|---|---|---|---|---|---|"]
     for r in info["rows"]:
-        ratios = [f"{r[k]:.2f}" if r is base else f"×{r[k] / base[k]:.2f}" for k in ("in_domain", "licenses", "python_code")]
+        ratios = [f"{r[k]:.2f}" if r is base else f"×{r[k] / base[k]:.2f}" for k in ("in_domain", "licenses", "python_code", "readmes")]
         lines.append(f"| {r['percentage']:g} | {r['calibration']} | {r['healing']} | {' | '.join(ratios)} | "
                      f"{r.get('everyday_cloze', float('nan')):.3f} | {r.get('commonsense_cloze', float('nan')):.3f} |")
     return "\n".join(lines) + "\n"

@@ -140,6 +140,18 @@ def _compute(params: Params) -> Dict[str, str]:
     return {key: params.compute[key] for key in ("device", "dtype", "save_dtype")}
 
 
+def _generation(params: Params, name: str) -> Dict[str, object]:
+    """The generate settings when model `name` was calibrated or healed on the base model's own text
+    (data.calibrate_on / heal_on), else {}: they then made its weights, like the calibration settings."""
+    if name == BASE_NAME:
+        return {}
+    variant, healed = healed_from(name) or name, bool(healed_from(name))
+    calibrated = params.variants[variant].needs_calibration and "generated" in params.data["calibrate_on"]
+    if calibrated or (healed and "generated" in params.data["heal_on"]):
+        return dict(params.generate)
+    return {}
+
+
 def run_key(params: Params, name: str) -> str:
     """Stable id of the configuration that produced model `name` (not of when it was built)."""
     identity = {"model": name, "base": params.base, "data": params.data, "evaluate": params.evaluate,
@@ -151,13 +163,15 @@ def run_key(params: Params, name: str) -> str:
             identity["calibration"] = params.calibration
         if healed_from(name):
             identity["heal"] = asdict(params.heal_options(healed_from(name)))
+        if _generation(params, name):
+            identity["generate"] = _generation(params, name)
     blob = json.dumps(identity, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:20]
 
 
 def run_params(params: Params, name: str) -> Dict[str, str]:
     """The flat params logged on a run: variant fields, model source and revision, evaluation settings,
-    device and dtype."""
+    device and dtype, and the generate settings where the model was calibrated or healed on generated text."""
     flat = {"model": name}
     provenance_file = layout.model_dir(BASE_NAME) / layout.PROVENANCE
     provenance = layout.read_json(provenance_file) if provenance_file.is_file() else {}
@@ -173,6 +187,7 @@ def run_params(params: Params, name: str) -> Dict[str, str]:
             flat.update({f"calibration.{k}": v for k, v in params.calibration.items()})
         if healed_from(name):
             flat.update({f"heal.{k}": v for k, v in asdict(params.heal_options(healed_from(name))).items()})
+        flat.update({f"generate.{k}": v for k, v in _generation(params, name).items()})
     # MLflow params are strings of at most 6000 characters; None means "not set" and is left out.
     return {k: str(v)[:6000] for k, v in flat.items() if v is not None}
 

@@ -114,6 +114,31 @@ def test_run_key_is_the_same_across_processes_and_changes_only_with_its_own_vari
         assert all(track.run_key(params, name) != keys[name] for name in ("base", "maw-25"))
 
 
+def test_a_model_made_with_generated_text_records_the_generate_settings_and_keys_on_them(project):
+    """generate.* made the weights of a model calibrated or healed on generated text, and only of those."""
+    edited = {**PARAMS, "data": {"calibrate_on": "generated", "heal_on": "corpus"},
+              "variants": {**PARAMS["variants"], "auto-35": {"method": "AUTO", "pruning_percentage": 35}},
+              "heal": {"maw-25": {"num_tokens": 1024}}}
+    (project / "params.yaml").write_text(yaml.safe_dump(edited, sort_keys=False))
+    params = load_params("params.yaml")
+    logged = {name: track.run_params(params, name) for name in params.model_names()}
+    assert logged["auto-35"]["generate.seed"] == "0" and logged["auto-35"]["generate.num_tokens"] == "32768"
+    # A weight-only variant, its corpus-healed copy and the base read no generated text.
+    assert not any(key.startswith("generate.") for name in ("base", "maw-25", "maw-25+healed") for key in logged[name])
+
+    keys = {name: track.run_key(params, name) for name in params.model_names()}
+    (project / "params.yaml").write_text(yaml.safe_dump({**edited, "generate": {"seed": 1}}, sort_keys=False))
+    params = load_params("params.yaml")
+    changed = {name for name in params.model_names() if track.run_key(params, name) != keys[name]}
+    assert changed == {"auto-35"}
+
+    # Healing on generated text: the healed copy of a weight-only variant now depends on them too.
+    (project / "params.yaml").write_text(yaml.safe_dump({**edited, "data": {"heal_on": "generated"}}, sort_keys=False))
+    params = load_params("params.yaml")
+    assert track.run_params(params, "maw-25+healed")["generate.seed"] == "0"
+    assert not any(key.startswith("generate.") for key in track.run_params(params, "auto-35"))
+
+
 def test_a_change_of_device_or_dtype_is_a_new_run_that_records_them(project):
     """A CPU float32 run and a bfloat16 run of the same variant measure different weights and speeds."""
     uri = f"sqlite:///{project / 'mlflow.db'}"
