@@ -256,7 +256,8 @@ def test_calibration_and_healing_read_the_corpus_unless_told_otherwise(tmp_path)
     params = _load(tmp_path, {"base": BASE})
     assert params.data["calibrate_on"] == params.data["heal_on"] == {"corpus": 1.0}
     mixed = _load(tmp_path, {"base": BASE, "data": {"calibrate_on": {"corpus": 0.25, "generated": 0.75},
-                                                     "heal_on": "generated"}})
+                                                     "heal_on": "generated"},
+                                       "generate": {"num_tokens": 24576}})
     assert mixed.data["calibrate_on"] == {"corpus": 0.25, "generated": 0.75} and mixed.data["heal_on"] == {"generated": 1.0}
 
 

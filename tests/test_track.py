@@ -122,7 +122,7 @@ def test_a_model_made_with_generated_text_records_the_generate_settings_and_keys
     (project / "params.yaml").write_text(yaml.safe_dump(edited, sort_keys=False))
     params = load_params("params.yaml")
     logged = {name: track.run_params(params, name) for name in params.model_names()}
-    assert logged["auto-35"]["generate.seed"] == "0" and logged["auto-35"]["generate.num_tokens"] == "32768"
+    assert logged["auto-35"]["generate.seed"] == "0" and logged["auto-35"]["generate.num_tokens"] == str(params.generate["num_tokens"])
     # A weight-only variant, its corpus-healed copy and the base read no generated text.
     assert not any(key.startswith("generate.") for name in ("base", "maw-25", "maw-25+healed") for key in logged[name])
 
