@@ -118,16 +118,16 @@ def test_a_model_made_with_generated_text_records_the_generate_settings_and_keys
     """generate.* made the weights of a model calibrated or healed on generated text, and only of those."""
     edited = {**PARAMS, "data": {"calibrate_on": "generated", "heal_on": "corpus"},
               "variants": {**PARAMS["variants"], "auto-35": {"method": "AUTO", "pruning_percentage": 35}},
-              "heal": {"maw-25": {"num_tokens": 1024}}}
+              "heal": {"maw-25": {"num_tokens": 1024}}, "generate": {"num_tokens": 32768}}  # generated alone: a whole budget
     (project / "params.yaml").write_text(yaml.safe_dump(edited, sort_keys=False))
     params = load_params("params.yaml")
     logged = {name: track.run_params(params, name) for name in params.model_names()}
-    assert logged["auto-35"]["generate.seed"] == "0" and logged["auto-35"]["generate.num_tokens"] == str(params.generate["num_tokens"])
+    assert logged["auto-35"]["generate.seed"] == "0" and logged["auto-35"]["generate.num_tokens"] == "32768"
     # A weight-only variant, its corpus-healed copy and the base read no generated text.
     assert not any(key.startswith("generate.") for name in ("base", "maw-25", "maw-25+healed") for key in logged[name])
 
     keys = {name: track.run_key(params, name) for name in params.model_names()}
-    (project / "params.yaml").write_text(yaml.safe_dump({**edited, "generate": {"seed": 1}}, sort_keys=False))
+    (project / "params.yaml").write_text(yaml.safe_dump({**edited, "generate": {"num_tokens": 32768, "seed": 1}}, sort_keys=False))
     params = load_params("params.yaml")
     changed = {name for name in params.model_names() if track.run_key(params, name) != keys[name]}
     assert changed == {"auto-35"}
