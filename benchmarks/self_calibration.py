@@ -16,7 +16,9 @@ Rows are saved as they finish (`--keep` resumes a run), so a long table can be b
     python -m benchmarks.self_calibration --percentages 20 35 50 --keep  # the whole table
 
 The generated text is made once and kept in --generated-file (default: benchmarks/scratch/generated.txt,
-git-ignored). Writes benchmarks/results/self_calibration.md and .json.
+git-ignored). --temperature / --top-p sample it otherwise than the generate stage's defaults (the model's
+own distribution); its rows are then labelled with them, e.g. `mixed (T 0.7, top-p 0.9)`, and the text
+is kept in a file of its own. Writes benchmarks/results/self_calibration.md and .json.
 """
 
 from __future__ import annotations
@@ -49,7 +51,10 @@ def main() -> None:
     parser.add_argument("--heal-tokens", type=int, default=4096)
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--generated-file", type=Path, default=ROOT / "benchmarks" / "scratch" / "generated.txt")
+    parser.add_argument("--generated-file", type=Path, default=None,
+                        help="default: benchmarks/scratch/generated.txt (-T..-p.. for other sampling settings)")
+    parser.add_argument("--temperature", type=float, default=None, help="default: the generate stage's")
+    parser.add_argument("--top-p", type=float, default=None, help="default: the generate stage's")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--keep", action="store_true", help="keep the rows of an earlier run, add the missing ones")
     args = parser.parse_args()
@@ -66,9 +71,19 @@ def main() -> None:
     from pipeline.generate import OPENINGS
     from pipeline.params import GENERATE
 
+    settings = {key: default for key, (_, default) in GENERATE.items()}
+    sampling = {"temperature": args.temperature, "top_p": args.top_p}
+    sampling = {key: settings[key] if value is None else value for key, value in sampling.items()}
+    # Rows and text of the stage's own sampling keep their plain names; other settings are named apart.
+    tag = "" if all(sampling[key] == settings[key] for key in sampling) else \
+        f" (T {sampling['temperature']:g}, top-p {sampling['top_p']:g})"
+    if args.generated_file is None:
+        suffix = f"-T{sampling['temperature']:g}-p{sampling['top_p']:g}" if tag else ""
+        args.generated_file = ROOT / "benchmarks" / "scratch" / f"generated{suffix}.txt"
+    settings.update(sampling)
+
     base, tokenizer = load_model(str(args.model), "cpu", "float32")
     if not args.generated_file.is_file():
-        settings = {key: default for key, (_, default) in GENERATE.items()}
         started = time.perf_counter()
         generated = generate_text(base, tokenizer, args.calibration_tokens, settings["seq_len"], seed=settings["seed"],
                                   temperature=settings["temperature"], top_p=settings["top_p"],
@@ -111,15 +126,16 @@ def main() -> None:
         save()
     for percentage in args.percentages:
         for source in args.sources:
+            mix, source = SOURCES[source], source + ("" if source == "docs" else tag)
             if all((percentage, source, healing) in done for healing in HEALINGS):
                 continue
-            calibration = mixed_windows(SOURCES[source], args.calibration_tokens)
+            calibration = mixed_windows(mix, args.calibration_tokens)
             pruned = copy.deepcopy(base)
             started = time.perf_counter()
             optipfair.prune_model(pruned, neuron_selection_method="AUTO", pruning_percentage=percentage,
                                   calibration_data=calibration, round_to=args.round_to, show_progress=False)
             prune_seconds = time.perf_counter() - started
-            healing_windows = mixed_windows(SOURCES[source], args.heal_tokens)
+            healing_windows = mixed_windows(mix, args.heal_tokens)
             for healing, label_weight in HEALINGS.items():
                 if (percentage, source, healing) in done:
                     continue
