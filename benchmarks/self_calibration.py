@@ -18,7 +18,8 @@ Rows are saved as they finish (`--keep` resumes a run), so a long table can be b
 The generated text is made once and kept in --generated-file (default: benchmarks/scratch/generated.txt,
 git-ignored). --temperature / --top-p sample it otherwise than the generate stage's defaults (the model's
 own distribution); its rows are then labelled with them, e.g. `mixed (T 0.7, top-p 0.9)`, and the text
-is kept in a file of its own. Writes benchmarks/results/self_calibration.md and .json.
+is kept in a file of its own. Healed rows on another --heal-tokens than 4096 are named apart the same way.
+Writes benchmarks/results/self_calibration.md and .json.
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ def main() -> None:
         suffix = f"-T{sampling['temperature']:g}-p{sampling['top_p']:g}" if tag else ""
         args.generated_file = ROOT / "benchmarks" / "scratch" / f"generated{suffix}.txt"
     settings.update(sampling)
+    # Healing on another budget than the default is a row of its own.
+    heal_tag = "" if args.heal_tokens == parser.get_default("heal_tokens") else f", {args.heal_tokens} tokens"
 
     base, tokenizer = load_model(str(args.model), "cpu", "float32")
     if not args.generated_file.is_file():
@@ -127,7 +130,8 @@ def main() -> None:
     for percentage in args.percentages:
         for source in args.sources:
             mix, source = SOURCES[source], source + ("" if source == "docs" else tag)
-            if all((percentage, source, healing) in done for healing in HEALINGS):
+            if all((percentage, source, healing + (heal_tag if weight is not None else "")) in done
+                   for healing, weight in HEALINGS.items()):
                 continue
             calibration = mixed_windows(mix, args.calibration_tokens)
             pruned = copy.deepcopy(base)
@@ -137,6 +141,7 @@ def main() -> None:
             prune_seconds = time.perf_counter() - started
             healing_windows = mixed_windows(mix, args.heal_tokens)
             for healing, label_weight in HEALINGS.items():
+                healing += heal_tag if label_weight is not None else ""
                 if (percentage, source, healing) in done:
                     continue
                 model = pruned
