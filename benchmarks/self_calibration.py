@@ -73,17 +73,17 @@ def main() -> None:
     from pipeline.params import GENERATE
 
     settings = {key: default for key, (_, default) in GENERATE.items()}
-    sampling = {"temperature": args.temperature, "top_p": args.top_p}
-    sampling = {key: settings[key] if value is None else value for key, value in sampling.items()}
     # Rows and text of the stage's own sampling keep their plain names; other settings are named apart.
-    tag = "" if all(sampling[key] == settings[key] for key in sampling) else \
-        f" (T {sampling['temperature']:g}, top-p {sampling['top_p']:g})"
+    changed = {key: value for key, value in (("temperature", args.temperature), ("top_p", args.top_p))
+               if value is not None and value != settings[key]}
+    settings.update(changed)
+    tag = f" (T {settings['temperature']:g}, top-p {settings['top_p']:g})" if changed else ""
     if args.generated_file is None:
-        suffix = f"-T{sampling['temperature']:g}-p{sampling['top_p']:g}" if tag else ""
+        suffix = f"-T{settings['temperature']:g}-p{settings['top_p']:g}" if changed else ""
         args.generated_file = ROOT / "benchmarks" / "scratch" / f"generated{suffix}.txt"
-    settings.update(sampling)
     # Healing on another budget than the default is a row of its own.
     heal_tag = "" if args.heal_tokens == parser.get_default("heal_tokens") else f", {args.heal_tokens} tokens"
+    healings = {name + (heal_tag if weight is not None else ""): weight for name, weight in HEALINGS.items()}
 
     base, tokenizer = load_model(str(args.model), "cpu", "float32")
     if not args.generated_file.is_file():
@@ -130,8 +130,7 @@ def main() -> None:
     for percentage in args.percentages:
         for source in args.sources:
             mix, source = SOURCES[source], source + ("" if source == "docs" else tag)
-            if all((percentage, source, healing + (heal_tag if weight is not None else "")) in done
-                   for healing, weight in HEALINGS.items()):
+            if all((percentage, source, healing) in done for healing in healings):
                 continue
             calibration = mixed_windows(mix, args.calibration_tokens)
             pruned = copy.deepcopy(base)
@@ -140,8 +139,7 @@ def main() -> None:
                                   calibration_data=calibration, round_to=args.round_to, show_progress=False)
             prune_seconds = time.perf_counter() - started
             healing_windows = mixed_windows(mix, args.heal_tokens)
-            for healing, label_weight in HEALINGS.items():
-                healing += heal_tag if label_weight is not None else ""
+            for healing, label_weight in healings.items():
                 if (percentage, source, healing) in done:
                     continue
                 model = pruned
