@@ -52,9 +52,11 @@ def _run(step: Callable[[Params], object], params_file: Path) -> object:
 def _portable(step: Callable[[Params], object]) -> Callable[[Params], object]:
     """`step`, run with the CPU kernels pinned first unless `compute.portable` is false.
 
-    dvc.lock holds the models' hashes of prune and heal: pinned, the same on any x86 CPU with AVX2 (README,
-    Reproducibility). Pinning works in a process of its own, as dvc runs a stage, before its first tensor
-    operation (reading the params file does none); in a process that already computed it changes nothing.
+    dvc.lock holds the hashes of what generate, prune and heal write: pinned, the same on any x86 CPU with
+    AVX2 (README, Reproducibility). generate too: its text is what calibration and healing read, and a
+    last-bit difference in a probability can turn a sampled token. Pinning works in a process of its own,
+    as dvc runs a stage, before its first tensor operation (reading the params file does none); in a
+    process that already computed it changes nothing.
     """
     def run(params: Params) -> object:
         if params.compute["portable"]:
@@ -114,7 +116,7 @@ def generate(params: Path = PARAMS_OPTION) -> None:
     """Let models/base write its own calibration and healing text into data/generated/ (when `data:` uses it)."""
     from pipeline import generate as stage
 
-    record = _run(stage.run, params)
+    record = _run(_portable(stage.run), params)
     typer.echo(f"generated {record['tokens']} tokens in {record['samples']} samples into {layout.GENERATED_TEXT}"
                if record["used"] else f"{layout.GENERATED_TEXT}: left empty, no calibration or healing text uses it")
 

@@ -178,11 +178,11 @@ SPEED = {
 }
 # generate: the base model's own text (optipfair.generation), used where `data.calibrate_on` / `data.heal_on`
 # name `generated`. Half a calibration budget: the generated share of the default mix (params.yaml); with
-# `generated` alone, validate asks for the whole budget. Samples of 256 tokens from 63 openings, 32 at a
-# time (one sequence alone runs at ~15 tok/s on 2 cores; benchmarks/generation.py measures the batches).
+# `generated` alone, validate asks for the whole budget. Samples of 256 tokens from 63 openings, 64 at a
+# time (one sequence alone runs at ~15 tok/s on 2 cores, 64 at ~173: benchmarks/results/generation.md).
 GENERATE = {"num_tokens": (False, PIPELINE_CALIBRATION_TOKENS // 2), "seq_len": (False, 256), "seed": (False, 0),
             "temperature": (False, 1.0), "top_p": (False, 1.0), "start": (False, "openings"),
-            "batch_size": (False, 32)}
+            "batch_size": (False, 64)}
 GENERATE_STARTS = ("openings", "bos")
 # Where prune and evaluate run a model (see params.yaml). None: 80 % of the memory available when the stage starts.
 # save_dtype: what variants and healed models are written in; auto: the base checkpoint's own dtype.

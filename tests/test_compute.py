@@ -125,3 +125,26 @@ def test_prune_and_heal_pin_the_cpu_kernels_unless_compute_portable_is_false(por
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[-1] == capability
+
+
+def test_generate_pins_the_cpu_kernels_too(project):
+    """The generated text is what calibration and healing read: a last-bit difference in a probability can
+    turn a sampled token, and with it every calibrated model's hash in dvc.lock."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    if not torch.cpu._is_avx2_supported():
+        pytest.skip("this CPU has no AVX2 kernels to pin")
+    params = {**PARAMS, "base": {"source": "local", "path": str(project / "models/base")}}
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    # The stage's step, replaced by one that reports the kernels it would run on; the command around it is the real one.
+    code = ("import torch, pipeline.generate as stage; "
+            "stage.run = lambda p: print(torch.backends.cpu.get_cpu_capability()) or {'used': False}; "
+            "from pipeline.cli import app; app(['generate'])")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ATEN_CPU_CAPABILITY": "default"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[0] == "AVX2"

@@ -25,7 +25,7 @@ def test_the_same_seed_gives_the_same_text_and_leaves_the_global_rng_alone(tiny_
 
 def test_every_sample_continues_its_opening_until_the_budget_is_met(tiny_tokenizer):
     result = generate_text(make_tiny_model("llama"), tiny_tokenizer, 150, 20, openings=OPENINGS, batch_size=4)
-    assert result.tokens >= 150 and len(result.samples) % 4 == 0
+    assert result.tokens >= 150
     assert [s[: len(OPENINGS[i % 3])] for i, s in enumerate(result.samples)] == \
         [OPENINGS[i % 3] for i in range(len(result.samples))]
     # Each continuation is real sampled text: openings shorter than the batch's longest are left-padded,
@@ -66,3 +66,20 @@ def test_a_model_that_repeats_one_token_is_refused(tiny_tokenizer):
         model.lm_head.weight[42] = 100.0
     with pytest.raises(OptiPFairError, match="degenerate"):
         generate_text(model, tiny_tokenizer, 64, 16, openings=OPENINGS, batch_size=4)
+
+
+def test_the_last_batch_samples_only_what_the_budget_still_needs(tiny_tokenizer):
+    # 100 tokens of samples of up to 20: one batch of 4 (up to 80 tokens), then 2 or 3 more samples, not 4.
+    result = generate_text(make_tiny_model("llama"), tiny_tokenizer, 100, 20, openings=OPENINGS, batch_size=4)
+    assert result.tokens >= 100 and 5 <= len(result.samples) < 8
+
+
+def test_a_model_that_only_ends_its_text_is_refused_even_in_small_batches(tiny_tokenizer):
+    model = make_tiny_model("llama", tie_word_embeddings=False)
+    model.model.norm.register_forward_hook(lambda module, inputs, output: torch.ones_like(output))
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[tiny_tokenizer.eos_token_id] = 100.0
+    # 64 tokens need 5 samples of 16 at most: batches of 5 end at once, and the second of them is refused.
+    with pytest.raises(OptiPFairError, match="every sample of a batch ended at once"):
+        generate_text(model, tiny_tokenizer, 64, 16, openings=OPENINGS, batch_size=8)

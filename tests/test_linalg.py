@@ -73,6 +73,17 @@ def test_products_give_the_same_bytes_on_any_thread_count(shape):
     torch.testing.assert_close(updates[0], c - a @ b, rtol=1e-12, atol=1e-12 * inner)
 
 
+def test_float32_operands_add_into_a_float64_sum_on_any_thread_count():
+    # The Gram accumulation: float32 rows of activations, each product added into the float64 matrix.
+    generator = torch.Generator().manual_seed(3)
+    rows = torch.randn(1024, 600, generator=generator) * torch.rand(600, generator=generator) * 10  # uneven scales
+    gram = torch.zeros(600, 600, dtype=torch.float64)
+    sums = _on_each_thread_count(lambda: add_product_(gram.clone(), rows.T, rows))
+    assert all(s.dtype == torch.float64 and torch.equal(sums[0], s) for s in sums[1:])
+    exact = rows.double().T @ rows.double()
+    assert ((sums[0] - exact).abs().max() / exact.diagonal().max()).item() < 1e-6
+
+
 def test_the_workers_leave_the_callers_thread_settings_alone():
     threads = torch.get_num_threads()
     try:

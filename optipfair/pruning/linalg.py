@@ -103,9 +103,28 @@ def add_product_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: flo
     and on 16 threads even 256-deep products differ. So each BLOCK x BLOCK tile of the output is one
     MKL call on one thread, a shape that does not depend on the thread count, and the tiles are
     shared among torch.get_num_threads() workers.
+
+    Operands narrower than `out` (float32 rows into a float64 Gram matrix) are multiplied in their own
+    dtype, each tile's product then added in out's: float32 products run two to three times as fast as
+    float64 on CPU, many times on GPUs with slow float64, and the running sum keeps out's precision.
     """
-    _tiles(out, a, b, lambda tile, a_rows, b_columns: tile.addmm_(a_rows, b_columns, alpha=alpha))
+    if a.dtype == out.dtype:
+        _tiles(out, a, b, lambda tile, a_rows, b_columns: tile.addmm_(a_rows, b_columns, alpha=alpha))
+    else:
+        with full_float32():
+            _tiles(out, a, b, lambda tile, a_rows, b_columns: tile.add_(torch.mm(a_rows, b_columns), alpha=alpha))
     return out
+
+
+@contextmanager
+def full_float32():
+    """float32 products in float32 on GPUs too: TF32, which a user may have switched on, keeps 10 mantissa bits."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def _tiles(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, multiply) -> None:
