@@ -18,7 +18,9 @@ Rows are saved as they finish (`--keep` resumes a run), so a long table can be b
 The generated text is made once and kept in --generated-file (default: benchmarks/scratch/generated.txt,
 git-ignored). --temperature / --top-p sample it otherwise than the generate stage's defaults (the model's
 own distribution); its rows are then labelled with them, e.g. `mixed (T 0.7, top-p 0.9)`, and the text
-is kept in a file of its own. Healed rows on another --heal-tokens than 4096 are named apart the same way.
+is kept in a file of its own. --seed samples another text with the same settings (`mixed (seed 1)`): how
+much a figure owes to the one sample drawn. Healed rows on another --heal-tokens than 4096 are named apart
+the same way.
 Writes benchmarks/results/self_calibration.md and .json.
 """
 
@@ -56,6 +58,7 @@ def main() -> None:
                         help="default: benchmarks/scratch/generated.txt (-T..-p.. for other sampling settings)")
     parser.add_argument("--temperature", type=float, default=None, help="default: the generate stage's")
     parser.add_argument("--top-p", type=float, default=None, help="default: the generate stage's")
+    parser.add_argument("--seed", type=int, default=None, help="the generation's seed; default: the generate stage's")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--keep", action="store_true", help="keep the rows of an earlier run, add the missing ones")
     args = parser.parse_args()
@@ -74,12 +77,16 @@ def main() -> None:
 
     settings = {key: default for key, (_, default) in GENERATE.items()}
     # Rows and text of the stage's own sampling keep their plain names; other settings are named apart.
-    changed = {key: value for key, value in (("temperature", args.temperature), ("top_p", args.top_p))
+    changed = {key: value for key, value in (("temperature", args.temperature), ("top_p", args.top_p), ("seed", args.seed))
                if value is not None and value != settings[key]}
     settings.update(changed)
-    tag = f" (T {settings['temperature']:g}, top-p {settings['top_p']:g})" if changed else ""
+    sampling = changed.keys() & {"temperature", "top_p"}
+    tag = ", ".join([f"T {settings['temperature']:g}, top-p {settings['top_p']:g}"] * bool(sampling)
+                    + [f"seed {settings['seed']}"] * ("seed" in changed))
+    tag = f" ({tag})" if tag else ""
     if args.generated_file is None:
-        suffix = f"-T{settings['temperature']:g}-p{settings['top_p']:g}" if changed else ""
+        suffix = (f"-T{settings['temperature']:g}-p{settings['top_p']:g}" if sampling else "") + \
+                 (f"-seed{settings['seed']}" if "seed" in changed else "")
         args.generated_file = ROOT / "benchmarks" / "scratch" / f"generated{suffix}.txt"
     # Healing on another budget than the default is a row of its own.
     heal_tag = "" if args.heal_tokens == parser.get_default("heal_tokens") else f", {args.heal_tokens} tokens"
