@@ -19,8 +19,8 @@ The generated text is made once and kept in --generated-file (default: benchmark
 git-ignored). --temperature / --top-p sample it otherwise than the generate stage's defaults (the model's
 own distribution); its rows are then labelled with them, e.g. `mixed (T 0.7, top-p 0.9)`, and the text
 is kept in a file of its own. --seed samples another text with the same settings (`mixed (seed 1)`): how
-much a figure owes to the one sample drawn. Healed rows on another --heal-tokens than 4096 are named apart
-the same way.
+much a figure owes to the one sample drawn. Rows calibrated on another --calibration-tokens than 32768,
+and healed rows on another --heal-tokens than 4096, are named apart the same way.
 Writes benchmarks/results/self_calibration.md and .json.
 """
 
@@ -88,7 +88,9 @@ def main() -> None:
         suffix = (f"-T{settings['temperature']:g}-p{settings['top_p']:g}" if sampling else "") + \
                  (f"-seed{settings['seed']}" if "seed" in changed else "")
         args.generated_file = ROOT / "benchmarks" / "scratch" / f"generated{suffix}.txt"
-    # Healing on another budget than the default is a row of its own.
+    # Calibrating or healing on another budget than the default is a row of its own.
+    calibration_tag = ("" if args.calibration_tokens == parser.get_default("calibration_tokens")
+                       else f", {args.calibration_tokens} tokens")
     heal_tag = "" if args.heal_tokens == parser.get_default("heal_tokens") else f", {args.heal_tokens} tokens"
     healings = {name + (heal_tag if weight is not None else ""): weight for name, weight in HEALINGS.items()}
 
@@ -136,7 +138,7 @@ def main() -> None:
         save()
     for percentage in args.percentages:
         for source in args.sources:
-            mix, source = SOURCES[source], source + ("" if source == "docs" else tag)
+            mix, source = SOURCES[source], source + ("" if source == "docs" else tag) + calibration_tag
             if all((percentage, source, healing) in done for healing in healings):
                 continue
             calibration = mixed_windows(mix, args.calibration_tokens)
