@@ -80,13 +80,15 @@ def main() -> None:
     changed = {key: value for key, value in (("temperature", args.temperature), ("top_p", args.top_p), ("seed", args.seed))
                if value is not None and value != settings[key]}
     settings.update(changed)
-    sampling = changed.keys() & {"temperature", "top_p"}
-    tag = ", ".join([f"T {settings['temperature']:g}, top-p {settings['top_p']:g}"] * bool(sampling)
-                    + [f"seed {settings['seed']}"] * ("seed" in changed))
-    tag = f" ({tag})" if tag else ""
+    labels, suffix = [], ""
+    if changed.keys() & {"temperature", "top_p"}:
+        labels.append(f"T {settings['temperature']:g}, top-p {settings['top_p']:g}")
+        suffix += f"-T{settings['temperature']:g}-p{settings['top_p']:g}"
+    if "seed" in changed:
+        labels.append(f"seed {settings['seed']}")
+        suffix += f"-seed{settings['seed']}"
+    tag = f" ({', '.join(labels)})" if labels else ""
     if args.generated_file is None:
-        suffix = (f"-T{settings['temperature']:g}-p{settings['top_p']:g}" if sampling else "") + \
-                 (f"-seed{settings['seed']}" if "seed" in changed else "")
         args.generated_file = ROOT / "benchmarks" / "scratch" / f"generated{suffix}.txt"
     # Calibrating or healing on another budget than the default is a row of its own.
     calibration_tag = ("" if args.calibration_tokens == parser.get_default("calibration_tokens")

@@ -103,10 +103,9 @@ def test_healing_over_the_memory_budget_stops_with_the_reason_before_training(pr
     assert not (project / "models/auto-25+healed").exists()
 
 
-@pytest.mark.parametrize("portable, capability", [(None, "AVX2"), (True, "AVX2"), (False, "DEFAULT")])
-def test_prune_and_heal_pin_the_cpu_kernels_unless_compute_portable_is_false(portable, capability, project):
-    """Pinned by default (the models' hashes in dvc.lock hold on any x86 CPU); `portable: false` keeps the CPU's own
-    (faster) kernels. A process of its own, as dvc runs a stage: kernels are chosen at the first tensor operation."""
+def _kernels_in_a_stage_process(project, compute: dict, code: str) -> str:
+    """stdout of `code` run in a process of its own in `project` (as dvc runs a stage: kernels are chosen at the
+    first tensor operation), with params.yaml's `compute` set and ATen told to use what pinning does not pick."""
     import os
     import subprocess
     import sys
@@ -115,36 +114,30 @@ def test_prune_and_heal_pin_the_cpu_kernels_unless_compute_portable_is_false(por
 
     if not torch.cpu._is_avx2_supported():
         pytest.skip("this CPU has no AVX2 kernels to pin")
-    compute = {} if portable is None else {"portable": portable}
     params = {**PARAMS, "base": {"source": "local", "path": str(project / "models/base")}, "compute": compute}
     (project / "params.yaml").write_text(yaml.safe_dump(params))
-    # What the stage's step sees: the kernels in use once the params are read and the choice is made.
-    code = ("import torch; from pipeline.cli import _portable; from pipeline.params import load_params; "
-            "print(_portable(lambda p: torch.backends.cpu.get_cpu_capability())(load_params('params.yaml')))")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "ATEN_CPU_CAPABILITY": "default"}  # not what pinning picks
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split()[-1] == capability
+    return done.stdout
+
+
+@pytest.mark.parametrize("portable, capability", [(None, "AVX2"), (True, "AVX2"), (False, "DEFAULT")])
+def test_prune_and_heal_pin_the_cpu_kernels_unless_compute_portable_is_false(portable, capability, project):
+    """Pinned by default (the models' hashes in dvc.lock hold on any x86 CPU); `portable: false` keeps the CPU's own
+    (faster) kernels. A process of its own, as dvc runs a stage: kernels are chosen at the first tensor operation."""
+    compute = {} if portable is None else {"portable": portable}
+    # What the stage's step sees: the kernels in use once the params are read and the choice is made.
+    code = ("import torch; from pipeline.cli import _portable; from pipeline.params import load_params; "
+            "print(_portable(lambda p: torch.backends.cpu.get_cpu_capability())(load_params('params.yaml')))")
+    assert _kernels_in_a_stage_process(project, compute, code).split()[-1] == capability
 
 
 def test_generate_pins_the_cpu_kernels_too(project):
     """The generated text is what calibration and healing read: a last-bit difference in a probability can
     turn a sampled token, and with it every calibrated model's hash in dvc.lock."""
-    import os
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
-    if not torch.cpu._is_avx2_supported():
-        pytest.skip("this CPU has no AVX2 kernels to pin")
-    params = {**PARAMS, "base": {"source": "local", "path": str(project / "models/base")}}
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
     # The stage's step, replaced by one that reports the kernels it would run on; the command around it is the real one.
     code = ("import torch, pipeline.generate as stage; "
             "stage.run = lambda p: print(torch.backends.cpu.get_cpu_capability()) or {'used': False}; "
             "from pipeline.cli import app; app(['generate'])")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "ATEN_CPU_CAPABILITY": "default"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split()[0] == "AVX2"
+    assert _kernels_in_a_stage_process(project, {}, code).split()[0] == "AVX2"
