@@ -67,6 +67,24 @@ def test_big_model_keeps_the_rows_of_the_methods_it_did_not_rerun(tmp_path):
     assert big_model._with_earlier_methods(dict(rerun, percentage=30), path)["rows"] == rerun["rows"]
 
 
+def test_self_calibration_measures_again_only_the_asked_rows_that_lack_a_column():
+    def row(percentage, calibration, healing, **values):
+        return dict(percentage=percentage, calibration=calibration, healing=healing, in_domain=2.0, licenses=2.0,
+                    python_code=2.0, readmes=2.0, everyday_cloze=0.5, commonsense_cloze=0.5, **values)
+
+    base = row(0, "-", "base", pipeline_licenses=1.0)
+    old = row(35, "mixed", "unhealed")                      # asked, lacks pipeline_licenses: measured again
+    other = row(35, "mixed (seed 1)", "unhealed")            # not asked: kept as it was, column and all
+    complete = row(35, "docs", "unhealed", pipeline_licenses=3.0)
+    asked = {(0, "-", "base"), (35, "mixed", "unhealed"), (35, "docs", "unhealed")}
+    columns = ["in_domain", "pipeline_licenses", "everyday_cloze"]
+    assert self_calibration.kept_rows([base, old, other, complete], asked, columns) == [base, other, complete]
+    table = self_calibration.markdown(dict(model="m", threads=1, command="c", calibration_tokens=1, heal_tokens=1,
+                                           seq_len=1, eval_tokens=1, rows=[base, other, complete])).splitlines()
+    assert "pipeline's licenses" in table[6]
+    assert table[-2].split(" | ")[5] == "—" and table[-1].split(" | ")[5] == "×3.00"
+
+
 def test_results_show_paths_relative_to_the_repository(tmp_path):
     assert common.shown(common.ROOT / "models" / "base") == "models/base"
     assert common.shown(tmp_path / "my-model") == "my-model"
