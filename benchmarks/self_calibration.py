@@ -73,7 +73,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import optipfair
-    from optipfair.data import default_texts, token_windows
+    from optipfair.data import default_texts, text_from_file, token_windows
     from optipfair.generation import generate_text
     from optipfair.healing import HealOptions, heal
     from optipfair.io import load_model
@@ -121,7 +121,7 @@ def main() -> None:
     texts = {"corpus": default_texts()[0], "generated": args.generated_file.read_text(encoding="utf-8")}
     windows = {"in_domain": token_windows(tokenizer, default_texts()[1], args.eval_tokens, args.seq_len),
                "licenses": token_windows(tokenizer, out_of_domain_text(), args.eval_tokens, args.seq_len),
-               "pipeline_licenses": token_windows(tokenizer, DEFAULT_OUT_OF_DOMAIN.read_text(encoding="utf-8"),
+               "pipeline_licenses": token_windows(tokenizer, text_from_file(str(DEFAULT_OUT_OF_DOMAIN)),
                                                   args.eval_tokens, args.seq_len),
                "python_code": token_windows(tokenizer, python_code_text(), args.eval_tokens, args.seq_len),
                "readmes": token_windows(tokenizer, package_readmes_text(), args.eval_tokens, args.seq_len)}
