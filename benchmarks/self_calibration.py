@@ -26,7 +26,8 @@ is kept in a file of its own. --seed samples another text with the same settings
 much a figure owes to the one sample drawn. --openings FILE starts the samples from other openings than
 pipeline/openings.txt (`mixed (openings <file name>)`). Rows calibrated on another --calibration-tokens
 than 32768, and healed rows on another --heal-tokens than 4096, are named apart the same way.
-Writes benchmarks/results/self_calibration.md and .json.
+Writes benchmarks/results/self_calibration.json (every run's command, notes on their rows, the rows) and the
+.md made from it.
 """
 
 from __future__ import annotations
@@ -138,18 +139,23 @@ def main() -> None:
                           for kind, n in counts.items() if n])
 
     path = RESULTS / "self_calibration.json"
-    rows = json.loads(path.read_text())["rows"] if args.keep and path.exists() else []
+    earlier = json.loads(path.read_text()) if args.keep and path.exists() else {}
+    # The table is built over many runs: each one's command is kept, and the notes written on their rows.
+    runs, notes = earlier.get("runs", []), earlier.get("notes", [])
+    if command("benchmarks.self_calibration") not in runs:
+        runs.append(command("benchmarks.self_calibration"))
     columns = [*windows, *(Path(task).stem for task in TASKS)]
     calibrations = {name: (SOURCES[name], name + ("" if name == "docs" else tag) + calibration_tag) for name in args.sources}
     asked = {(0, "-", "base")} | {(p, label, healing) for p in args.percentages
                                   for _, label in calibrations.values() for healing in healings}
-    rows = kept_rows(rows, asked, columns)
+    rows = kept_rows(earlier.get("rows", []), asked, columns)
     done = {(r["percentage"], r["calibration"], r["healing"]) for r in rows}
 
     def save() -> None:
-        info = {"command": command("benchmarks.self_calibration"), "model": shown(args.model), "threads": args.threads,
-                "calibration_tokens": args.calibration_tokens, "heal_tokens": args.heal_tokens,
-                "eval_tokens": args.eval_tokens, "seq_len": args.seq_len, "rows": rows}
+        info = {"runs": runs, "notes": notes, "model": shown(args.model),
+                "calibration_tokens": parser.get_default("calibration_tokens"),
+                "heal_tokens": parser.get_default("heal_tokens"), "eval_tokens": args.eval_tokens,
+                "seq_len": args.seq_len, "rows": rows}
         RESULTS.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(info, indent=2) + "\n")
         (RESULTS / "self_calibration.md").write_text(markdown(info))
@@ -192,11 +198,14 @@ def kept_rows(rows: list, asked: set, columns: list) -> list:
 
 def markdown(info: dict) -> str:
     base = next(r for r in info["rows"] if r["healing"] == "base")
-    lines = [f"# Calibration and healing on the base model's own text ({info['model']}, AUTO, {info['threads']} CPU "
-             "threads)", "", f"`{info['command']}`", "",
-             f"Calibration {info['calibration_tokens']} tokens, healing {info['heal_tokens']} tokens on the "
-             f"calibration text, windows of {info['seq_len']}; perplexity on {info['eval_tokens']} tokens of each text, "
-             "as a multiple of the base model's (base: its perplexity); tasks: acc.", "",
+    lines = [f"# Calibration and healing on the base model's own text ({info['model']}, AUTO)", "",
+             f"Built in {len(info['runs'])} run{'s' * (len(info['runs']) != 1)}, each adding its rows to the table "
+             "(`--keep`):", "",
+             *(f"- `{run}`" for run in info["runs"]), "",
+             f"Calibration {info['calibration_tokens']} tokens, healing {info['heal_tokens']} tokens (unless the row "
+             f"says otherwise) on the calibration text, windows of {info['seq_len']}; perplexity on "
+             f"{info['eval_tokens']} tokens of each text, as a multiple of the base model's (base: its perplexity); "
+             "tasks: acc.", "", *(line for note in info["notes"] for line in (note, "")),
              "| % | calibration | healing | in domain | licenses | pipeline's licenses | python code | package READMEs | "
              "everyday_cloze | commonsense_cloze |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in info["rows"]:

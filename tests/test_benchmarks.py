@@ -79,9 +79,12 @@ def test_self_calibration_measures_again_only_the_asked_rows_that_lack_a_column(
     asked = {(0, "-", "base"), (35, "mixed", "unhealed"), (35, "docs", "unhealed")}
     columns = ["in_domain", "pipeline_licenses", "everyday_cloze"]
     assert self_calibration.kept_rows([base, old, other, complete], asked, columns) == [base, other, complete]
-    table = self_calibration.markdown(dict(model="m", threads=1, command="c", calibration_tokens=1, heal_tokens=1,
-                                           seq_len=1, eval_tokens=1, rows=[base, other, complete])).splitlines()
-    assert "pipeline's licenses" in table[6]
+    table = self_calibration.markdown(dict(model="m", runs=["python -m a", "python -m b"], notes=["A note."],
+                                           calibration_tokens=1, heal_tokens=1, seq_len=1, eval_tokens=1,
+                                           rows=[base, other, complete])).splitlines()
+    assert {"- `python -m a`", "- `python -m b`", "A note."} <= set(table)
+    header = next(line for line in table if line.startswith("| % |")).split(" | ")
+    assert header[5] == "pipeline's licenses"
     assert table[-2].split(" | ")[5] == "—" and table[-1].split(" | ")[5] == "×3.00"
 
 
