@@ -141,13 +141,14 @@ def main() -> None:
     path = RESULTS / "self_calibration.json"
     earlier = json.loads(path.read_text()) if args.keep and path.exists() else {}
     # The table is built over many runs: each one's command is kept, and the notes written on their rows.
-    runs, notes = earlier.get("runs", []), earlier.get("notes", [])
-    if command("benchmarks.self_calibration") not in runs:
-        runs.append(command("benchmarks.self_calibration"))
+    runs, notes, this_run = earlier.get("runs", []), earlier.get("notes", []), command("benchmarks.self_calibration")
+    if this_run not in runs:
+        runs.append(this_run)
     columns = [*windows, *(Path(task).stem for task in TASKS)]
-    calibrations = {name: (SOURCES[name], name + ("" if name == "docs" else tag) + calibration_tag) for name in args.sources}
+    # (mix, row label) of each source asked
+    calibrations = [(SOURCES[name], name + ("" if name == "docs" else tag) + calibration_tag) for name in args.sources]
     asked = {(0, "-", "base")} | {(p, label, healing) for p in args.percentages
-                                  for _, label in calibrations.values() for healing in healings}
+                                  for _, label in calibrations for healing in healings}
     rows = kept_rows(earlier.get("rows", []), asked, columns)
     done = {(r["percentage"], r["calibration"], r["healing"]) for r in rows}
 
@@ -164,7 +165,7 @@ def main() -> None:
         rows.insert(0, {"percentage": 0, "calibration": "-", "healing": "base", **measure(base)})
         save()
     for percentage in args.percentages:
-        for mix, source in calibrations.values():
+        for mix, source in calibrations:
             if all((percentage, source, healing) in done for healing in healings):
                 continue
             calibration = mixed_windows(mix, args.calibration_tokens)
